@@ -1,0 +1,30 @@
+"""jaxprune: structured (filter) pruning of CNNs in JAX/Flax.
+
+    import jaxprune as jp
+    arch = jp.models.create("resnet56", num_classes=10)
+    jp.groups(arch)                               # prunable channel groups -> sizes
+    arch2, variables2 = jp.prune(arch, variables, keep)
+    jp.count_macs(arch2), jp.count_params(arch2)
+"""
+
+from jaxprune import models
+from jaxprune.flops import count_macs, count_params, macs_per_layer, params_per_layer
+from jaxprune.graph import Layer, group_layers, groups, layers
+from jaxprune.surgery import full_keep, prune, prune_like
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Layer",
+    "count_macs",
+    "count_params",
+    "full_keep",
+    "group_layers",
+    "groups",
+    "layers",
+    "macs_per_layer",
+    "models",
+    "params_per_layer",
+    "prune",
+    "prune_like",
+]
