@@ -1,10 +1,10 @@
 """jaxprune: structured (filter) pruning of CNNs in JAX/Flax.
 
-    import jaxprune as jp
-    arch = jp.models.create("resnet56", num_classes=10)
-    jp.groups(arch)                               # prunable channel groups -> sizes
-    arch2, variables2 = jp.prune(arch, variables, keep)
-    jp.count_macs(arch2), jp.count_params(arch2)
+import jaxprune as jp
+arch = jp.models.create("resnet56", num_classes=10)
+jp.groups(arch)                               # prunable channel groups -> sizes
+arch2, variables2 = jp.prune(arch, variables, keep)
+jp.count_macs(arch2), jp.count_params(arch2)
 """
 
 from jaxprune import models

@@ -29,7 +29,9 @@ def layer_params(layer: Layer) -> int:
     return fan_in * layer.out_channels + (layer.out_channels if layer.use_bias else 0)
 
 
-def macs_per_layer(arch: Architecture, input_shape: tuple[int, int, int] | None = None) -> dict[str, int]:
+def macs_per_layer(
+    arch: Architecture, input_shape: tuple[int, int, int] | None = None
+) -> dict[str, int]:
     """Layer name (``stage1/block1/conv1``) -> MACs per image, conv and dense layers only."""
     return {
         layer.name: layer_macs(layer)

@@ -40,7 +40,9 @@ def full_keep(arch: Architecture, keep: Keep) -> dict[str, np.ndarray]:
             continue
         indices = np.asarray(keep[group])
         if indices.ndim != 1:
-            raise ValueError(f"group {group!r}: keep indices must be 1-D, got shape {indices.shape}")
+            raise ValueError(
+                f"group {group!r}: keep indices must be 1-D, got shape {indices.shape}"
+            )
         if indices.size == 0:
             raise ValueError(f"group {group!r}: keep set is empty (a group must keep a channel)")
         if not np.issubdtype(indices.dtype, np.integer):
@@ -97,7 +99,9 @@ def _slice_collection(tree: Mapping, slicers: _Slicers, what: str) -> dict:
     out = {}
     for key, value in flat.items():
         for axis, indices in slicers[key]:
-            if indices.shape[0] != value.shape[axis] or np.any(indices != np.arange(value.shape[axis])):
+            if indices.shape[0] != value.shape[axis] or np.any(
+                indices != np.arange(value.shape[axis])
+            ):
                 value = jnp.take(value, indices, axis=axis)
         out[key] = value
     return traverse_util.unflatten_dict(out)

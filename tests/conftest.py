@@ -9,7 +9,12 @@ import jaxprune as jp
 
 # Full-size ImageNet ResNets are checked at a smaller resolution where only the channel structure
 # matters (surgery, gates): the structure does not depend on the input size.
-SMALL_INPUT = {"resnet18": (64, 64, 3), "resnet34": (64, 64, 3), "resnet50": (64, 64, 3), "resnet101": (64, 64, 3)}
+SMALL_INPUT = {
+    "resnet18": (64, 64, 3),
+    "resnet34": (64, 64, 3),
+    "resnet50": (64, 64, 3),
+    "resnet101": (64, 64, 3),
+}
 
 
 def small_arch(name: str, num_classes: int = 10):

@@ -133,7 +133,9 @@ def test_prune_like_slices_optimizer_state():
 
     trace = pruned_state[1][0].trace
     assert jax.tree.structure(trace) == jax.tree.structure(pruned_vars["params"])
-    jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), trace, pruned_vars["params"])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_equal(a.shape, b.shape), trace, pruned_vars["params"]
+    )
     expected = jp.prune(arch, {"params": opt_state[1][0].trace}, keep)[1]["params"]
     jax.tree.map(np.testing.assert_array_equal, trace, expected)
     # the pruned state drives an update of the pruned params

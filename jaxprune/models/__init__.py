@@ -44,8 +44,14 @@ def _vgg(depth: int, num_classes: int, input_shape: tuple[int, int, int]) -> VGG
 _PRESETS: dict[str, tuple[Callable[[int, tuple[int, int, int]], Arch], tuple[int, int, int]]] = {
     "lenet5": (_lenet, MNIST_SHAPE),
     **{f"vgg{d}": (functools.partial(_vgg, d), CIFAR_SHAPE) for d in VGG_STAGES},
-    **{f"resnet{d}": (functools.partial(cifar_resnet, d), CIFAR_SHAPE) for d in CIFAR_BLOCKS_PER_STAGE},
-    **{f"resnet{d}": (functools.partial(imagenet_resnet, d), IMAGENET_SHAPE) for d in IMAGENET_DEPTHS},
+    **{
+        f"resnet{d}": (functools.partial(cifar_resnet, d), CIFAR_SHAPE)
+        for d in CIFAR_BLOCKS_PER_STAGE
+    },
+    **{
+        f"resnet{d}": (functools.partial(imagenet_resnet, d), IMAGENET_SHAPE)
+        for d in IMAGENET_DEPTHS
+    },
 }
 
 _FAMILIES: dict[str, type] = {"lenet": LeNetArch, "vgg": VGGArch, "resnet": ResNetArch}

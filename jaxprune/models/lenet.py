@@ -46,7 +46,9 @@ class LeNetArch:
         return [
             conv1,
             conv2,
-            Layer(("fc1",), "dense", c2, f1, "conv2", "fc1", use_bias=True, flatten_positions=h * w),
+            Layer(
+                ("fc1",), "dense", c2, f1, "conv2", "fc1", use_bias=True, flatten_positions=h * w
+            ),
             Layer(("fc2",), "dense", f1, f2, "fc1", "fc2", use_bias=True),
             Layer(("head",), "dense", f2, self.num_classes, "fc2", None, use_bias=True),
         ]
@@ -72,7 +74,7 @@ class LeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, gates: common.Gates = None) -> jax.Array:
-        """f[N, H, W, C] images -> f32[N, num_classes] logits. ``train`` is unused (no BatchNorm)."""
+        """f[N, H, W, C] images -> f32[N, num_classes] logits; ``train`` is unused (no BN)."""
         del train
         a, dt = self.arch, self.dtype
         common.check_gate_names(gates, groups(a))

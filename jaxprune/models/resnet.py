@@ -1,7 +1,8 @@
-"""ResNets (He et al. 2016): CIFAR form (basic blocks, 16/32/64) and ImageNet form (torchvision v1.5).
+"""ResNets (He et al. 2016): CIFAR form (basic blocks, 16/32/64), ImageNet form (torchvision v1.5).
 
 Where a block changes the shape of the residual stream it has a projection shortcut
-(``proj_conv`` 1x1 + ``proj_bn``) instead of the zero-padding "option A" shortcut of the CIFAR paper:
+(``proj_conv`` 1x1 + ``proj_bn``) instead of the zero-padding "option A" shortcut of the CIFAR
+paper:
 then every stage's residual channels can be pruned as one group. For CIFAR ResNets this adds the
 two projections' MACs (~0.2% of the network: ResNet-56 125.75M vs 125.49M with option A).
 Bottleneck blocks put the stride on the 3x3 conv, as torchvision does.
@@ -72,9 +73,13 @@ class ResNetArch:
         convs_per_block = 1 if self.block == "basic" else 2
         for s in range(n):
             if any(len(widths) != convs_per_block for widths in self.inner_widths[s]):
-                raise ValueError(f"stage {s + 1}: {self.block} blocks need {convs_per_block} widths")
+                raise ValueError(
+                    f"stage {s + 1}: {self.block} blocks need {convs_per_block} widths"
+                )
             incoming = self.stem_width if s == 0 else self.stage_widths[s - 1]
-            if not self.projections[s] and (self.strides[s] != 1 or incoming != self.stage_widths[s]):
+            if not self.projections[s] and (
+                self.strides[s] != 1 or incoming != self.stage_widths[s]
+            ):
                 raise ValueError(f"stage {s + 1} changes shape, so it needs a projection shortcut")
 
     def stream_groups(self) -> tuple[str, tuple[str, ...]]:
@@ -88,7 +93,9 @@ class ResNetArch:
 
     def inner_groups(self, s: int, b: int) -> tuple[str, ...]:
         """Group names of block ``b`` of stage ``s`` (0-based), one per inner conv."""
-        return tuple(f"stage{s + 1}/block{b + 1}/conv{i + 1}" for i in range(len(self.inner_widths[s][b])))
+        return tuple(
+            f"stage{s + 1}/block{b + 1}/conv{i + 1}" for i in range(len(self.inner_widths[s][b]))
+        )
 
     def block_convs(self, s: int, b: int) -> list[tuple[int, int, int, int, str]]:
         """Convs of block ``b`` of stage ``s`` (0-based): (kernel, stride, padding, width, group).
@@ -102,7 +109,11 @@ class ResNetArch:
         stream = (self.stage_widths[s], self.stream_groups()[1][s])
         if self.block == "basic":
             return [(3, stride, 1, inner[0], names[0]), (3, 1, 1, *stream)]
-        return [(1, 1, 0, inner[0], names[0]), (3, stride, 1, inner[1], names[1]), (1, 1, 0, *stream)]
+        return [
+            (1, 1, 0, inner[0], names[0]),
+            (3, stride, 1, inner[1], names[1]),
+            (1, 1, 0, *stream),
+        ]
 
     def layers(self, input_shape: tuple[int, int, int] | None = None) -> list[Layer]:
         h, w, c = input_shape or self.input_shape
@@ -117,7 +128,9 @@ class ResNetArch:
             return hw
 
         k, stride, pad = (3, 1, 1) if self.stem == "cifar" else (7, 2, 3)
-        hw = conv_bn(("stem_conv",), (h, w), c, self.stem_width, None, stem_group, k, stride, pad, "stem_bn")
+        hw = conv_bn(
+            ("stem_conv",), (h, w), c, self.stem_width, None, stem_group, k, stride, pad, "stem_bn"
+        )
         if self.stem == "imagenet":
             hw = tuple(conv_out_size(size, 3, 2, 1) for size in hw)
         width, group = self.stem_width, stem_group
@@ -126,11 +139,15 @@ class ResNetArch:
                 prefix = (f"stage{s + 1}", f"block{b + 1}")
                 block_in, cin, gin = hw, width, group
                 for i, (k, stride, pad, cout, gout) in enumerate(self.block_convs(s, b), start=1):
-                    hw = conv_bn((*prefix, f"conv{i}"), hw, cin, cout, gin, gout, k, stride, pad, f"bn{i}")
+                    hw = conv_bn(
+                        (*prefix, f"conv{i}"), hw, cin, cout, gin, gout, k, stride, pad, f"bn{i}"
+                    )
                     cin, gin = cout, gout
                 if b == 0 and self.projections[s]:
                     path = (*prefix, "proj_conv")
-                    conv_bn(path, block_in, width, cin, group, gin, 1, self.strides[s], 0, "proj_bn")
+                    conv_bn(
+                        path, block_in, width, cin, group, gin, 1, self.strides[s], 0, "proj_bn"
+                    )
                 width, group = self.stage_widths[s], stage_groups[s]
         out.append(Layer(("head",), "dense", width, self.num_classes, group, None, use_bias=True))
         return out
@@ -138,7 +155,9 @@ class ResNetArch:
     def resize(self, group_sizes: dict[str, int]) -> "ResNetArch":
         stem_group, stage_groups = self.stream_groups()
         inner = tuple(
-            tuple(tuple(group_sizes[g] for g in self.inner_groups(s, b)) for b in range(len(blocks)))
+            tuple(
+                tuple(group_sizes[g] for g in self.inner_groups(s, b)) for b in range(len(blocks))
+            )
             for s, blocks in enumerate(self.inner_widths)
         )
         return dataclasses.replace(
@@ -180,12 +199,14 @@ def imagenet_resnet(depth: int, num_classes: int, input_shape: tuple[int, int, i
     expansion = 1 if block == "basic" else 4
     stage_widths = tuple(expansion * w for w in base)
     inner = tuple(
-        ((w,) if block == "basic" else (w, w),) * n for w, n in zip(base, blocks_per_stage, strict=True)
+        ((w,) if block == "basic" else (w, w),) * n
+        for w, n in zip(base, blocks_per_stage, strict=True)
     )
     incoming = (64, *stage_widths[:-1])
     strides = (1, 2, 2, 2)
     projections = tuple(
-        st != 1 or cin != cout for st, cin, cout in zip(strides, incoming, stage_widths, strict=True)
+        st != 1 or cin != cout
+        for st, cin, cout in zip(strides, incoming, stage_widths, strict=True)
     )
     return ResNetArch(
         block=block,
@@ -202,7 +223,7 @@ def imagenet_resnet(depth: int, num_classes: int, input_shape: tuple[int, int, i
 
 
 class Block(nn.Module):
-    """A basic or bottleneck residual block; gates sit after each BN, before the ReLU and the add."""
+    """A basic or bottleneck residual block; gates sit after each BN, before ReLU and the add."""
 
     arch: ResNetArch
     stage: int

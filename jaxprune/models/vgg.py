@@ -50,12 +50,20 @@ class VGGArch:
             for width in widths:
                 i += 1
                 group = f"conv{i}"
-                out.append(Layer((group,), "conv", in_channels, width, in_group, group, 3, 1, 1, (h, w)))
+                out.append(
+                    Layer((group,), "conv", in_channels, width, in_group, group, 3, 1, 1, (h, w))
+                )
                 out.append(Layer((f"bn{i}",), "norm", width, width, group, group))
                 in_group, in_channels = group, width
-        out.append(Layer(("fc1",), "dense", in_channels, self.dense_width, in_group, "fc1", use_bias=True))
+        out.append(
+            Layer(("fc1",), "dense", in_channels, self.dense_width, in_group, "fc1", use_bias=True)
+        )
         out.append(Layer(("fc1_bn",), "norm", self.dense_width, self.dense_width, "fc1", "fc1"))
-        out.append(Layer(("head",), "dense", self.dense_width, self.num_classes, "fc1", None, use_bias=True))
+        out.append(
+            Layer(
+                ("head",), "dense", self.dense_width, self.num_classes, "fc1", None, use_bias=True
+            )
+        )
         return out
 
     def resize(self, group_sizes: dict[str, int]) -> "VGGArch":

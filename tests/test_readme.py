@@ -1,0 +1,21 @@
+"""The README's example runs as written and its first lines hold the two commands of a new user."""
+
+import pathlib
+import re
+
+README = pathlib.Path(__file__).parents[1] / "README.md"
+
+
+def test_readme_python_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), {})
+
+
+def test_readme_starts_with_setup_and_test_commands():
+    first_block = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S).group(1)
+    lines = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
+    assert lines[0].startswith("./install.sh && ")
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "./install.sh" in ci and lines[1] in ci
