@@ -102,8 +102,9 @@ def _slice_collection(tree: Mapping, slicers: _Slicers, what: str) -> dict:
             if indices.shape[0] != value.shape[axis] or np.any(
                 indices != np.arange(value.shape[axis])
             ):
-                value = jnp.take(value, indices, axis=axis)
-        out[key] = value
+                # on the host: under XLA each array shape would compile a gather of its own
+                value = np.take(np.asarray(value), indices, axis=axis)
+        out[key] = jnp.asarray(value)
     return traverse_util.unflatten_dict(out)
 
 
