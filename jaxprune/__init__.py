@@ -28,3 +28,11 @@ __all__ = [
     "prune",
     "prune_like",
 ]
+
+from jaxprune import checkpoint, train
+
+__all__ += ["checkpoint", "train"]
+
+from jaxprune import importance, select  # noqa: E402
+
+__all__ += ["importance", "select"]

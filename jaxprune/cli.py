@@ -1,0 +1,313 @@
+"""The ``jaxprune`` command: train, prune, finetune and eval a workdir.
+
+    jaxprune train    --model lenet5 --data fashion_mnist --epochs 1 --workdir /tmp/run
+    jaxprune prune    --workdir /tmp/run --method l1 --macs-ratio 0.5 --out /tmp/pruned
+    jaxprune finetune --workdir /tmp/pruned --epochs 1
+    jaxprune eval     --workdir /tmp/pruned --json
+
+Every user error ends the command with a non-zero status and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from jaxprune import checkpoint, data, pipeline
+from jaxprune.train import loop, optim, parallel
+from jaxprune.train.step import ComputeDtype
+
+# Exit statuses.
+USER_ERROR = 1
+USAGE_ERROR = 2
+INTERRUPTED = 130
+
+# Adam's default peak learning rate (SGD's is OptimizerConfig's, 0.1).
+ADAM_LEARNING_RATE = 1e-3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block)."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(USAGE_ERROR)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected H,W,C with positive sizes, got {text!r}")
+    return shape
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("devices and processes")
+    group.add_argument("--num-devices", type=_positive_int, help="use the first N devices only")
+    group.add_argument("--coordinator-address", help="host:port of process 0 (multi-process runs)")
+    group.add_argument("--num-processes", type=_positive_int, help="processes in the run")
+    group.add_argument("--process-id", type=int, help="this process, 0..num_processes-1")
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() with auto-detection (Cloud TPU, Slurm, Open MPI)",
+    )
+
+
+def _length(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--steps", type=_positive_int, help="length of the run in steps")
+    group.add_argument("--epochs", type=_positive_int, help="length of the run in epochs")
+
+
+def _optimizer_flags(parser: argparse.ArgumentParser, defaults_from: str) -> None:
+    group = parser.add_argument_group(f"optimizer (defaults: {defaults_from})")
+    group.add_argument("--optimizer", choices=[o.value for o in optim.OptimizerName])
+    group.add_argument("--lr", type=float, help="peak learning rate (sgd 0.1, adam 0.001)")
+    group.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
+    group.add_argument(
+        "--nesterov", action=argparse.BooleanOptionalAction, default=None, help="(on)"
+    )
+    group.add_argument("--weight-decay", type=float, help="decoupled, kernels only (5e-4)")
+    group.add_argument("--schedule", choices=[s.value for s in optim.ScheduleName])
+    group.add_argument("--warmup-steps", type=int, help="linear warm-up (5%% of the run)")
+
+
+def _optimizer_changes(args: argparse.Namespace) -> dict:
+    names = {
+        "optimizer": "name",
+        "lr": "learning_rate",
+        "momentum": "momentum",
+        "nesterov": "nesterov",
+        "weight_decay": "weight_decay",
+        "schedule": "schedule",
+        "warmup_steps": "warmup_steps",
+    }
+    changes = {
+        field: getattr(args, flag)
+        for flag, field in names.items()
+        if getattr(args, flag) is not None
+    }
+    if changes.get("name") == optim.OptimizerName.ADAM and "learning_rate" not in changes:
+        changes["learning_rate"] = ADAM_LEARNING_RATE
+    return changes
+
+
+def _run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint-every", type=_positive_int, help="also save every K steps")
+    parser.add_argument("--restore-step", type=int, help="resume from this older checkpoint step")
+    parser.add_argument("--stop-at", type=_positive_int, help="stop (and save) at this step")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when stderr is a terminal)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jaxprune", description="Train, prune, fine-tune and evaluate CNNs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a model from scratch (or resume)")
+    train.add_argument("--model", required=True, help="e.g. lenet5, resnet56, vgg16")
+    train.add_argument("--data", default="fashion_mnist", help="dataset (fashion_mnist)")
+    train.add_argument("--data-dir", help="IDX files or a prepared tfds data directory")
+    _length(train, required=True)
+    train.add_argument("--batch-size", type=_positive_int, default=128, help="global batch (128)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--workdir", required=True)
+    train.add_argument("--label-smoothing", type=float, default=0.0)
+    train.add_argument(
+        "--dtype",
+        choices=[d.value for d in ComputeDtype],
+        default="float32",
+        help="compute dtype; parameters stay float32",
+    )
+    train.add_argument("--synthetic-shape", type=_shape, help="H,W,C of --data synthetic")
+    train.add_argument("--keep-checkpoints", type=_positive_int, default=3)
+    train.add_argument(
+        "--collect-gfi",
+        action="store_true",
+        help="accumulate GFI importance during training (used by prune --method gfi)",
+    )
+    _optimizer_flags(train, "SGD, Nesterov momentum 0.9, cosine, weight decay 5e-4")
+    _run_flags(train)
+    _common(train)
+
+    prune = commands.add_parser("prune", help="prune a trained checkpoint into a new workdir")
+    prune.add_argument("--workdir", required=True)
+    prune.add_argument("--method", required=True, help="gfi, fsabp, taylor_fo_bn, l1, l2, ...")
+    budget = prune.add_mutually_exclusive_group(required=True)
+    for kind in pipeline.BudgetKind:
+        budget.add_argument(
+            f"--{kind.value}-ratio", type=float, help=f"fraction of {kind.value} kept"
+        )
+    prune.add_argument("--round-to", type=_positive_int, default=1, help="channel multiple")
+    prune.add_argument("--out", required=True, help="new workdir for the pruned network")
+    prune.add_argument("--num-batches", type=_positive_int, default=8, help="batches for scoring")
+    prune.add_argument("--restore-step", type=int)
+    prune.add_argument("--data-dir")
+    prune.add_argument("--no-eval", action="store_true", help="skip accuracy before/after")
+    _common(prune)
+
+    finetune = commands.add_parser("finetune", help="fine-tune a pruned workdir (or resume)")
+    finetune.add_argument("--workdir", required=True)
+    _length(finetune, required=False)
+    finetune.add_argument("--data-dir")
+    _optimizer_flags(finetune, "those of the training run")
+    _run_flags(finetune)
+    _common(finetune)
+
+    evaluate = commands.add_parser("eval", help="test accuracy of a workdir's checkpoint")
+    evaluate.add_argument("--workdir", required=True)
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--restore-step", type=int)
+    evaluate.add_argument("--data-dir")
+    _common(evaluate)
+    return parser
+
+
+def _devices(args: argparse.Namespace):
+    import jax
+
+    if args.num_devices is None:
+        return None
+    devices = jax.devices()
+    if args.num_devices > len(devices):
+        raise pipeline.UserError(f"--num-devices {args.num_devices}: only {len(devices)} devices")
+    return devices[: args.num_devices]
+
+
+def _train(args: argparse.Namespace) -> None:
+    changes = _optimizer_changes(args)
+    synthetic = None
+    if args.synthetic_shape is not None:
+        synthetic = data.SyntheticOptions(image_shape=args.synthetic_shape)
+    try:
+        config = pipeline.TrainConfig(
+            model=args.model,
+            data=args.data,
+            num_steps=args.steps,
+            num_epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            optimizer=optim.OptimizerConfig(**changes),
+            label_smoothing=args.label_smoothing,
+            compute_dtype=args.dtype,
+            synthetic=synthetic,
+            data_dir=args.data_dir,
+            checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=args.keep_checkpoints,
+            collect_gfi=args.collect_gfi,
+        )
+    except ValueError as e:
+        raise pipeline.UserError(str(e)) from None
+    result = pipeline.train(
+        config,
+        args.workdir,
+        restore_step=args.restore_step,
+        stop_at=args.stop_at,
+        devices=_devices(args),
+        progress=args.progress,
+    )
+    _done(result)
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    result = pipeline.finetune(
+        args.workdir,
+        num_steps=args.steps,
+        num_epochs=args.epochs,
+        optimizer_changes=_optimizer_changes(args),
+        data_dir=args.data_dir,
+        restore_step=args.restore_step,
+        stop_at=args.stop_at,
+        devices=_devices(args),
+        progress=args.progress,
+    )
+    _done(result)
+
+
+def _done(result: dict) -> None:
+    if parallel.is_primary():
+        line = f"done: step {result['step']}"
+        if "accuracy" in result:
+            line += f", test accuracy {result['accuracy']:.4f}"
+        print(line, flush=True)
+
+
+def _prune(args: argparse.Namespace) -> None:
+    kind, ratio = next(
+        (kind, getattr(args, f"{kind.value}_ratio"))
+        for kind in pipeline.BudgetKind
+        if getattr(args, f"{kind.value}_ratio") is not None
+    )
+    pipeline.prune(
+        args.workdir,
+        args.out,
+        args.method,
+        pipeline.Budget(kind, ratio),
+        round_to=args.round_to,
+        num_batches=args.num_batches,
+        restore_step=args.restore_step,
+        data_dir=args.data_dir,
+        evaluate_before_after=not args.no_eval,
+        devices=_devices(args),
+    )
+
+
+def _eval(args: argparse.Namespace) -> None:
+    result = pipeline.evaluate(
+        args.workdir, restore_step=args.restore_step, data_dir=args.data_dir, devices=_devices(args)
+    )
+    if not parallel.is_primary():
+        return
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{args.workdir} step {result['step']} ({result['phase']}, {result['model']}): "
+            f"accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} on "
+            f"{result['num_examples']} test examples; {result['macs']:,} MACs, "
+            f"{result['params']:,} params"
+        )
+
+
+_COMMANDS = {"train": _train, "prune": _prune, "finetune": _finetune, "eval": _eval}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs one command; exits with status 1 (user error), 2 (usage) or 130 (interrupted)."""
+    args = build_parser().parse_args(argv)
+    # Orbax and JAX log routine warnings through absl; the command's own output says what matters.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    prog = f"jaxprune {args.command}"
+    try:
+        options = parallel.DistributedOptions(
+            args.coordinator_address, args.num_processes, args.process_id, args.distributed
+        )
+        try:
+            parallel.initialize_distributed(options)
+        except (ValueError, RuntimeError) as e:
+            raise pipeline.UserError(f"cannot start the multi-process run: {e}") from None
+        _COMMANDS[args.command](args)
+    except (pipeline.UserError, checkpoint.CheckpointError, loop.TrainingDiverged) as e:
+        sys.stderr.write(f"{prog}: error: {' '.join(str(e).split())}\n")
+        raise SystemExit(USER_ERROR) from None
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted; the checkpoints written so far are kept\n")
+        raise SystemExit(INTERRUPTED) from None

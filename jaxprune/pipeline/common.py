@@ -1,0 +1,242 @@
+"""What the pipeline's commands share: data, mesh, restoring a workdir, and running the loop."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxprune import checkpoint, data, models
+from jaxprune.graph import Architecture
+from jaxprune.pipeline.config import METRICS_FILE, Phase, TrainConfig, UserError
+from jaxprune.train import loop, parallel
+from jaxprune.train.optim import OptimizerConfig, make_optimizer, make_schedule
+from jaxprune.train.step import (
+    StepOptions,
+    TrainState,
+    abstract_train_state,
+    make_eval_step,
+    make_train_step,
+)
+
+
+def load_dataset(config: TrainConfig) -> data.Dataset:
+    try:
+        return data.load_dataset(config.data, data_dir=config.data_dir, synthetic=config.synthetic)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise UserError(str(e)) from None
+
+
+def run_length(config: TrainConfig, dataset: data.Dataset) -> tuple[int, int]:
+    """(steps of the whole run, steps per epoch); refuses a batch larger than the data."""
+    num_train = dataset.num_examples[data.Split.TRAIN]
+    per_epoch = data.steps_per_epoch(num_train, config.batch_size)
+    if per_epoch == 0:
+        raise UserError(
+            f"--batch-size {config.batch_size} exceeds the {num_train} training examples"
+        )
+    if config.num_steps is not None:
+        return config.num_steps, per_epoch
+    return config.num_epochs * per_epoch, per_epoch
+
+
+def data_mesh(devices: Sequence[jax.Device] | None, batch_size: int) -> jax.sharding.Mesh:
+    mesh = parallel.make_mesh(devices)
+    try:
+        parallel.check_batch_size(mesh, batch_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return mesh
+
+
+def say(verbose: bool, *args: Any) -> None:
+    if verbose and parallel.is_primary():
+        print(*args, flush=True)
+
+
+@functools.lru_cache(maxsize=4)
+def train_step_for(
+    arch: Architecture,
+    optimizer: OptimizerConfig,
+    total_steps: int,
+    mesh: jax.sharding.Mesh,
+    options: StepOptions,
+):
+    """The jitted train step of a run, shared by the runs of this process with the same values.
+
+    A run resumed in the same process (or split in two) reuses the compiled step.
+    """
+    tx = make_optimizer(optimizer)
+    return make_train_step(arch, tx, make_schedule(optimizer, total_steps), mesh, options)
+
+
+eval_step_for = functools.lru_cache(maxsize=4)(make_eval_step)
+
+
+def evaluator(arch: Architecture, dataset: data.Dataset, mesh, config: TrainConfig):
+    """state or variables -> {"accuracy", "loss"} on the test split (every example, once)."""
+    eval_step = eval_step_for(arch, mesh, config.compute_dtype)
+
+    def evaluate(state_or_variables: TrainState | dict) -> dict[str, float]:
+        variables = getattr(state_or_variables, "variables", state_or_variables)
+        batches = data.eval_batches(
+            dataset,
+            global_batch_size=config.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        totals = []
+        for images, labels, mask in loop.prefetch(batches):
+            totals.append(eval_step(variables, *parallel.global_batch(mesh, images, labels, mask)))
+        totals = jax.device_get(totals)
+        count = sum(float(t["count"]) for t in totals)
+        return {
+            "accuracy": sum(float(t["correct"]) for t in totals) / count,
+            "loss": sum(float(t["loss_sum"]) for t in totals) / count,
+        }
+
+    return evaluate
+
+
+def global_batches(dataset, mesh, config: TrainConfig, start_step: int) -> Iterator:
+    local = data.train_batches(
+        dataset,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    for images, labels in loop.prefetch(local):
+        yield parallel.global_batch(mesh, images, labels)
+
+
+def pick_step(workdir: str | os.PathLike, restore_step: int | None) -> int | None:
+    """The step to continue from: the latest, or the one asked for (which must exist)."""
+    found = checkpoint.steps(workdir)
+    if restore_step is None:
+        return found[-1] if found else None
+    if restore_step not in found:
+        raise UserError(
+            f"no checkpoint at step {restore_step} in {checkpoint.checkpoint_root(workdir)}; "
+            f"steps there: {found or 'none'}"
+        )
+    return restore_step
+
+
+def read_meta(workdir: str | os.PathLike, step: int) -> dict:
+    """`checkpoint.read_meta`, with a hint at the older steps when the checkpoint is refused."""
+    try:
+        return checkpoint.read_meta(workdir, step)
+    except checkpoint.CheckpointError as e:
+        older = [s for s in checkpoint.steps(workdir) if s < step]
+        if not older:
+            raise
+        raise checkpoint.CheckpointError(
+            f"{e}; nothing was changed (an older step may be chosen explicitly with "
+            f"--restore-step: {', '.join(map(str, older))})"
+        ) from None
+
+
+def restore(
+    workdir: str | os.PathLike,
+    step: int,
+    meta: dict,
+    mesh,
+    optimizer: OptimizerConfig | None = None,
+) -> tuple[Architecture, TrainState]:
+    """(architecture, state) of a checkpoint whose ``meta`` was read, restored onto ``mesh``.
+
+    Args:
+      optimizer: restore the optimizer state of this optimizer; None: the checkpoint's own.
+    """
+    arch = models.from_dict(meta["arch"])
+    saved = OptimizerConfig.from_dict(meta["config"]["optimizer"])
+    tx = make_optimizer(saved)
+    collect_gfi = bool(meta["config"].get("collect_gfi", False))
+    target = abstract_train_state(arch, tx, mesh, collect_gfi)
+    state = checkpoint.restore(workdir, step, target)
+    if optimizer is not None and optimizer.name != saved.name:
+        # A different optimizer has a different state; start it afresh.
+        state = state.replace(opt_state=jax.jit(make_optimizer(optimizer).init)(state.params))
+    return arch, state
+
+
+def run(
+    *,
+    phase: Phase,
+    config: TrainConfig,
+    workdir: Path,
+    arch: Architecture,
+    state: TrainState,
+    dataset: data.Dataset,
+    mesh,
+    meta_extra: dict,
+    stop_at: int | None,
+    progress: bool | None,
+    verbose: bool,
+) -> dict:
+    """Trains ``state`` to the end of the run described by ``config``; returns the final eval."""
+    total_steps, per_epoch = run_length(config, dataset)
+    options = StepOptions(
+        config.label_smoothing, config.compute_dtype, accumulate_gfi=config.collect_gfi
+    )
+    train_step = train_step_for(arch, config.optimizer, total_steps, mesh, options)
+    evaluate = evaluator(arch, dataset, mesh, config)
+    log = loop.MetricsLog(workdir / METRICS_FILE, enabled=parallel.is_primary())
+    meta = {
+        "arch": arch.to_dict(),
+        "config": config.to_dict(),
+        "phase": phase.value,
+        "num_devices": mesh.size,
+        **meta_extra,
+    }
+    start_step = int(jax.device_get(state.step))
+    if start_step >= total_steps:
+        say(verbose, f"{workdir}: the run is complete at step {start_step}; evaluating")
+        return {"step": start_step, **evaluate(state)}
+    workdir.mkdir(parents=True, exist_ok=True)
+    batches = global_batches(dataset, mesh, config, start_step)
+    loop_options = loop.LoopOptions(
+        end_step=total_steps,
+        steps_per_epoch=per_epoch,
+        checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+        stop_at=stop_at,
+        num_devices=mesh.size,
+        progress=progress,
+        verbose=verbose,
+    )
+    last_eval: dict = {}
+
+    def evaluate_and_keep(state: TrainState) -> dict[str, float]:
+        result = evaluate(state)
+        last_eval.update(result, step=int(jax.device_get(state.step)))
+        return result
+
+    with checkpoint.Writer(workdir, max_to_keep=config.keep_checkpoints) as writer:
+
+        def save(state: TrainState) -> None:
+            writer.save(int(jax.device_get(state.step)), state, meta)
+
+        try:
+            state = loop.train_loop(
+                state,
+                train_step,
+                batches,
+                loop_options,
+                log=log,
+                save=save,
+                evaluate=evaluate_and_keep,
+            )
+        finally:
+            batches.close()
+    step = int(jax.device_get(state.step))
+    result = {"step": step, "num_devices": mesh.size}
+    if last_eval.get("step") == step:
+        result.update(accuracy=last_eval["accuracy"], loss=last_eval["loss"])
+    return result

@@ -1,0 +1,226 @@
+"""Training, fine-tuning and evaluating a workdir."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxprune import checkpoint, data, models
+from jaxprune.flops import count_macs, count_params
+from jaxprune.pipeline import common
+from jaxprune.pipeline.config import METRICS_FILE, Phase, TrainConfig, UserError
+from jaxprune.train import loop, parallel
+from jaxprune.train.optim import OptimizerConfig, make_optimizer
+from jaxprune.train.step import create_train_state
+
+
+def train(
+    config: TrainConfig,
+    workdir: str | os.PathLike,
+    *,
+    restore_step: int | None = None,
+    stop_at: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    progress: bool | None = None,
+    verbose: bool = True,
+) -> dict:
+    """Trains ``config.model`` from scratch, or resumes the run in ``workdir``.
+
+    Args:
+      config: the run. On resume it must equal the saved one (operational fields aside).
+      workdir: the run's directory; created if needed.
+      restore_step: resume from this older step instead of the latest; the later steps are moved
+        to ``WORKDIR/rejected_checkpoints/``.
+      stop_at: stop (and save) at this step, as a preemption would; resuming then continues
+        exactly as if the run had not stopped.
+      devices: the devices of the data mesh (default: all).
+      progress: show a progress bar (None: when stderr is a terminal).
+      verbose: print a summary line per epoch.
+
+    Returns:
+      ``{"step", "num_devices"}`` and, when the run ended with an evaluation, ``"accuracy"`` and
+      ``"loss"`` on the test split.
+    """
+    workdir = Path(workdir)
+    try:  # Names first: a typo is reported before any data is read.
+        models.create(config.model)
+        data.parse_dataset_name(config.data)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    dataset = common.load_dataset(config)
+    arch = models.create(config.model, dataset.num_classes, dataset.input_shape)
+    mesh = common.data_mesh(devices, config.batch_size)
+    total_steps, _ = common.run_length(config, dataset)
+    step = common.pick_step(workdir, restore_step)
+    if step is None:
+        tx = make_optimizer(config.optimizer)
+        state = create_train_state(arch, tx, config.seed, mesh, config.collect_gfi)
+        common.say(
+            verbose,
+            f"training {arch.name} on {dataset.name.value} for {total_steps} steps on "
+            f"{mesh.size} device(s); workdir {workdir}",
+        )
+    else:
+        meta = common.read_meta(workdir, step)
+        if meta["phase"] != Phase.TRAIN:
+            raise UserError(
+                f"{workdir} holds a {meta['phase']} checkpoint; continue it with "
+                "`jaxprune finetune`"
+            )
+        differing = config.differences(TrainConfig.from_dict(meta["config"]))
+        if differing:
+            raise UserError(
+                f"{workdir} holds a run with other settings ({', '.join(differing)}); use a new "
+                "--workdir or the same settings"
+            )
+        arch, state = common.restore(workdir, step, meta, mesh)
+        checkpoint.reject_after(workdir, step)
+        common.say(verbose, f"resuming {arch.name} in {workdir} from step {step}/{total_steps}")
+    return common.run(
+        phase=Phase.TRAIN,
+        config=config,
+        workdir=workdir,
+        arch=arch,
+        state=state,
+        dataset=dataset,
+        mesh=mesh,
+        meta_extra={},
+        stop_at=stop_at,
+        progress=progress,
+        verbose=verbose,
+    )
+
+
+def finetune(
+    workdir: str | os.PathLike,
+    *,
+    num_steps: int | None = None,
+    num_epochs: int | None = None,
+    optimizer_changes: Mapping[str, Any] | None = None,
+    data_dir: str | None = None,
+    restore_step: int | None = None,
+    stop_at: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    progress: bool | None = None,
+    verbose: bool = True,
+) -> dict:
+    """Fine-tunes the pruned network in ``workdir`` (written by `prune`), or resumes doing so.
+
+    The run starts at step 0 with its own learning-rate schedule, from the optimizer state that
+    `prune` sliced (momentum, Adam moments). Everything not given is taken from the training run
+    the network was pruned from (batch size, seed, data, optimizer).
+
+    Args:
+      workdir: a directory written by `prune`.
+      num_steps: length of the fine-tuning run in steps; or
+      num_epochs: its length in epochs. When resuming, both may be left out.
+      optimizer_changes: fields of `OptimizerConfig` to change from the training run's (e.g.
+        ``{"learning_rate": 0.01}``).
+      data_dir: where the data lives now, if it moved.
+      restore_step, stop_at, devices, progress, verbose: as for `train`.
+
+    Returns:
+      As `train`.
+    """
+    workdir = Path(workdir)
+    step = common.pick_step(workdir, restore_step)
+    if step is None:
+        raise UserError(
+            f"no checkpoint in {workdir}; write one with `jaxprune prune --out {workdir}`"
+        )
+    meta = common.read_meta(workdir, step)
+    if meta["phase"] == Phase.TRAIN:
+        raise UserError(
+            f"{workdir} holds an unpruned training run; continue it with `jaxprune train`"
+        )
+    saved = TrainConfig.from_dict(meta["config"])
+    length = (num_steps, num_epochs)
+    if meta["phase"] == Phase.FINETUNE and length == (None, None):
+        length = (saved.num_steps, saved.num_epochs)
+    elif length == (None, None):
+        raise UserError("give --steps or --epochs for the fine-tuning run")
+    config = dataclasses.replace(
+        saved,
+        num_steps=length[0],
+        num_epochs=length[1],
+        optimizer=_change_optimizer(saved.optimizer, optimizer_changes),
+        data_dir=data_dir if data_dir is not None else saved.data_dir,
+    )
+    if meta["phase"] == Phase.FINETUNE:
+        differing = config.differences(saved)
+        if differing:
+            raise UserError(
+                f"{workdir} holds a fine-tuning run with other settings ({', '.join(differing)})"
+            )
+    dataset = common.load_dataset(config)
+    mesh = common.data_mesh(devices, config.batch_size)
+    arch, state = common.restore(workdir, step, meta, mesh, config.optimizer)
+    checkpoint.reject_after(workdir, step)
+    total_steps, _ = common.run_length(config, dataset)
+    common.say(verbose, f"fine-tuning {arch.name} in {workdir} from step {step}/{total_steps}")
+    return common.run(
+        phase=Phase.FINETUNE,
+        config=config,
+        workdir=workdir,
+        arch=arch,
+        state=state,
+        dataset=dataset,
+        mesh=mesh,
+        meta_extra={"pruning": meta.get("pruning")},
+        stop_at=stop_at,
+        progress=progress,
+        verbose=verbose,
+    )
+
+
+def _change_optimizer(
+    optimizer: OptimizerConfig, changes: Mapping[str, Any] | None
+) -> OptimizerConfig:
+    try:
+        return dataclasses.replace(optimizer, **(changes or {}))
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+def evaluate(
+    workdir: str | os.PathLike,
+    *,
+    restore_step: int | None = None,
+    data_dir: str | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> dict:
+    """Test-split accuracy of a workdir's checkpoint (latest unless ``restore_step``).
+
+    Appends an evaluation row to ``metrics.jsonl``.
+
+    Returns:
+      ``{"step", "phase", "model", "accuracy", "loss", "macs", "params", "num_examples",
+      "num_devices"}``.
+    """
+    workdir = Path(workdir)
+    step = common.pick_step(workdir, restore_step)
+    if step is None:
+        raise UserError(f"no checkpoint in {workdir}")
+    meta = common.read_meta(workdir, step)
+    config = TrainConfig.from_dict(meta["config"])
+    if data_dir is not None:
+        config = dataclasses.replace(config, data_dir=data_dir)
+    dataset = common.load_dataset(config)
+    mesh = common.data_mesh(devices, config.batch_size)
+    arch, state = common.restore(workdir, step, meta, mesh)
+    result = common.evaluator(arch, dataset, mesh, config)(state)
+    row = {"step": step, **result, "split": "test", "num_devices": mesh.size}
+    loop.MetricsLog(workdir / METRICS_FILE, enabled=parallel.is_primary()).write(row)
+    return {
+        **row,
+        "phase": meta["phase"],
+        "model": arch.name,
+        "macs": count_macs(arch),
+        "params": count_params(arch),
+        "num_examples": dataset.num_examples[data.Split.TEST],
+    }

@@ -1,0 +1,197 @@
+"""The `jaxprune` command: the pipeline end to end, and one readable line for every user error."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxprune import checkpoint, cli, models
+from jaxprune.pipeline import common
+from jaxprune.train import MetricsLog
+
+TRAIN = ["--data", "synthetic", "--synthetic-shape", "16,16,1", "--batch-size", "32"]
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``jaxprune ARGV`` run in this process."""
+    capsys.readouterr()
+    try:
+        cli.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """LeNet-5 trained 6 steps on synthetic 16x16x1 data, checkpoints at 3 and 6."""
+    path = tmp_path_factory.mktemp("cli") / "lenet"
+    argv = ["train", "--model", "lenet5", *TRAIN, "--steps", "6", "--checkpoint-every", "3"]
+    cli.main([*argv, "--workdir", str(path)])
+    return path
+
+
+def test_train_prune_finetune_eval(workdir, tmp_path, capsys):
+    rows = MetricsLog(workdir / "metrics.jsonl").read()
+    assert [r["step"] for r in rows if "loss" in r and "split" not in r] == list(range(6))
+    assert rows[-1]["split"] == "test" and 0 <= rows[-1]["accuracy"] <= 1
+
+    pruned = tmp_path / "pruned"
+    code, out, _ = run(
+        [
+            "prune",
+            "--workdir",
+            workdir,
+            "--method",
+            "l1",
+            "--filters-ratio",
+            "0.5",
+            "--out",
+            pruned,
+        ],
+        capsys,
+    )
+    assert code == 0 and "pruned lenet5" in out
+    record = json.loads((pruned / "prune.json").read_text())
+    assert record["widths_before"] == {"conv1": 6, "conv2": 16, "fc1": 120, "fc2": 84}
+    assert sum(record["widths_after"].values()) <= 0.5 * sum(record["widths_before"].values())
+    assert record["macs_after"] < record["macs_before"]
+    assert record["params_after"] < record["params_before"]
+    assert {"accuracy_before", "accuracy_after"} <= set(record)
+    assert MetricsLog(pruned / "metrics.jsonl").read()[0]["macs_after"] == record["macs_after"]
+
+    code, out, _ = run(["finetune", "--workdir", pruned, "--steps", "4", "--lr", "0.01"], capsys)
+    assert code == 0 and "done: step 4" in out
+    code, out, _ = run(["eval", "--workdir", pruned, "--json"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert result["step"] == 4 and result["phase"] == "finetune"
+    assert result["macs"] == record["macs_after"]
+    rows = MetricsLog(pruned / "metrics.jsonl").read()
+    assert [r["step"] for r in rows if "learning_rate" in r] == list(range(4))
+    assert rows[-1] == {k: result[k] for k in ("step", "accuracy", "loss", "split", "num_devices")}
+
+
+def _errors(workdir: Path, tmp: Path) -> dict[str, tuple[list, int, str]]:
+    """name -> (argv, exit status, text the one line must contain)."""
+    empty = tmp / "empty"
+    empty.mkdir()
+    fresh = str(tmp / "fresh")
+    lenet = ["--model", "lenet5", *TRAIN, "--steps", "2"]
+    prune = ["prune", "--workdir", workdir, "--method", "l1", "--out", tmp / "out"]
+    return {
+        "unknown model": (["train", "--model", "nope", *TRAIN, "--steps", "2", "--workdir", fresh],
+                          1, "unknown model 'nope'; valid models: lenet5, vgg11"),
+        "unknown data": (["train", "--model", "lenet5", "--data", "nope", "--steps", "2",
+                          "--workdir", fresh], 1, "valid names are: fashion_mnist, mnist"),
+        "missing data": (["train", "--model", "lenet5", "--data", "mnist", "--data-dir", empty,
+                          "--steps", "2", "--workdir", fresh], 1, "No mnist data found"),
+        "unknown method": (["prune", "--workdir", workdir, "--method", "nope", "--macs-ratio",
+                            "0.5", "--out", tmp / "out"], 1, "valid methods: gfi, taylor_fo_bn"),
+        "impossible budget": ([*prune, "--macs-ratio", "0.001"], 1, "impossible budget"),
+        "ratio above one": ([*prune, "--params-ratio", "1.5"], 1, "fraction kept, in (0, 1]"),
+        "two budgets": ([*prune, "--macs-ratio", "0.5", "--params-ratio", "0.5"], 2,
+                        "not allowed with argument"),
+        "missing option": (["train", "--model", "lenet5", "--steps", "2"], 2,
+                           "the following arguments are required: --workdir"),
+        "other settings": (["train", *lenet[:-1], "6", "--workdir", workdir, "--seed", "1"], 1,
+                           "holds a run with other settings (seed)"),
+        "batch too large": (["train", "--model", "lenet5", *TRAIN[:-1], "1024", "--steps", "2",
+                             "--workdir", fresh], 1, "exceeds the 512 training examples"),
+        "no checkpoint": (["eval", "--workdir", empty], 1, "no checkpoint in"),
+        "finetune unpruned": (["finetune", "--workdir", workdir, "--steps", "2"], 1,
+                              "unpruned training run"),
+        "out in use": ([*prune[:-1], workdir, "--macs-ratio", "0.5"], 1, "already holds"),
+        "missing step": (["eval", "--workdir", workdir, "--restore-step", "4"], 1,
+                         "no checkpoint at step 4"),
+    }  # fmt: skip
+
+
+ERROR_NAMES = [
+    "unknown model", "unknown data", "missing data", "unknown method", "impossible budget",
+    "ratio above one", "two budgets", "missing option", "other settings", "batch too large",
+    "no checkpoint", "finetune unpruned", "out in use", "missing step",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ERROR_NAMES)
+def test_user_errors_exit_with_one_line(workdir, tmp_path, capsys, name):
+    argv, status, text = _errors(workdir, tmp_path)[name]
+    before = sorted(p.name for p in workdir.rglob("*"))
+    code, out, err = run(argv, capsys)
+    assert code == status, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert text in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "fresh").exists()
+    assert sorted(p.name for p in workdir.rglob("*")) == before
+
+
+def test_corrupt_checkpoint_exits_with_one_line_naming_it(workdir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    victim = next(p for p in (checkpoint.step_path(copy, 6) / "state").rglob("*") if p.is_file())
+    victim.write_bytes(victim.read_bytes()[:-1])
+    code, _, err = run(["eval", "--workdir", copy], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert f"corrupt checkpoint {checkpoint.step_path(copy, 6)}" in err
+    assert "--restore-step: 3" in err
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    real = common.global_batches
+
+    def poisoned(dataset, mesh, config, start_step):
+        for step, (images, labels) in enumerate(
+            real(dataset, mesh, config, start_step), start_step
+        ):
+            yield (images * np.nan if step >= 4 else images), labels
+
+    monkeypatch.setattr(common, "global_batches", poisoned)
+    workdir = tmp_path / "nan"
+    argv = ["train", "--model", "lenet5", *TRAIN, "--steps", "8", "--checkpoint-every", "3"]
+    code, _, err = run([*argv, "--workdir", workdir], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "loss is nan at step 4" in err and "last good checkpoint is step 3" in err
+    assert checkpoint.steps(workdir) == [3]
+    rows = MetricsLog(workdir / "metrics.jsonl").read()
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and rows[-1]["loss"] is None
+
+
+def test_diverging_learning_rate_is_stopped(tmp_path, capsys):
+    argv = ["train", "--model", "lenet5", *TRAIN, "--steps", "6", "--lr", "1e9"]
+    code, _, err = run([*argv, "--warmup-steps", "0", "--workdir", tmp_path / "div"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "training stopped" in err
+
+
+def _script() -> str:
+    found = shutil.which("jaxprune") or str(Path(sys.executable).with_name("jaxprune"))
+    assert Path(found).exists(), "the jaxprune console script is not installed"
+    return found
+
+
+def test_console_script(workdir, tmp_path):
+    bad = subprocess.run(
+        [_script(), "train", "--model", "resnet7", "--steps", "1", "--workdir", tmp_path / "x"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        f"jaxprune train: error: unknown model 'resnet7'; valid models: {', '.join(models.names())}"
+    ]
+    good = subprocess.run(
+        [_script(), "eval", "--workdir", workdir, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["step"] == 6

@@ -1,0 +1,218 @@
+"""Tests of jaxprune.train: optimizers, the data-parallel step (1 vs 8 devices), compile-once."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxprune as jp
+from jaxprune import checkpoint, data, importance, train
+
+# ---------------------------------------------------------------- optimizers and losses
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    config = train.OptimizerConfig(learning_rate=0.4, warmup_steps=10)
+    schedule = train.make_schedule(config, total_steps=110)
+    np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.0, 0.2, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(schedule(60), 0.2, rtol=1e-5)  # half way through the cosine
+    assert float(schedule(110)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_default_warm_up_is_five_percent_of_the_run():
+    schedule = train.make_schedule(train.OptimizerConfig(learning_rate=1.0), total_steps=200)
+    np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.0, 0.5, 1.0], rtol=1e-6)
+
+
+def test_step_schedule_compounds_its_factor_at_each_boundary():
+    config = train.OptimizerConfig(
+        learning_rate=1.0, schedule="step", step_boundaries=(0.5, 0.75), warmup_steps=0
+    )
+    schedule = train.make_schedule(config, total_steps=100)
+    np.testing.assert_allclose(
+        [schedule(49), schedule(50), schedule(74), schedule(75)], [1.0, 0.1, 0.1, 0.01], rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_weight_decay_is_decoupled_and_spares_biases(name):
+    config = train.OptimizerConfig(name=name, weight_decay=0.01)
+    tx = train.make_optimizer(config)
+    params = {"dense": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.full((2,), 2.0)}}
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    direction, state = tx.update(zero_grads, tx.init(params), params)
+    np.testing.assert_allclose(direction["dense"]["kernel"], 0.02)
+    np.testing.assert_allclose(direction["dense"]["bias"], 0.0)
+    # The decay never enters the momentum (or Adam's moments).
+    for leaf in jax.tree.leaves(state):
+        if leaf.ndim:
+            np.testing.assert_array_equal(leaf, 0.0)
+
+
+def test_label_smoothing_matches_its_definition():
+    logits = jnp.array([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    labels = jnp.array([0, 2])
+    smoothed = (1 - 0.3) * jax.nn.one_hot(labels, 3) + 0.3 / 3
+    expected = -jnp.sum(smoothed * jax.nn.log_softmax(logits), axis=-1)
+    np.testing.assert_allclose(train.cross_entropy(logits, labels, 0.3), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        train.cross_entropy(logits, labels),
+        optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+        rtol=1e-6,
+    )
+
+
+# ---------------------------------------------------------------- the step
+
+
+@pytest.fixture(scope="module")
+def lenet_setup():
+    dataset = data.synthetic_dataset(data.SyntheticOptions((16, 16, 1), 10, 128, 32))
+    arch = jp.models.create("lenet5", 10, dataset.input_shape)
+    mesh = train.make_mesh()
+    config = train.OptimizerConfig(learning_rate=0.05, warmup_steps=0)
+    return dataset, arch, mesh, config
+
+
+def _batches(mesh, dataset, num_steps, start_step=0):
+    local = data.train_batches(
+        dataset, global_batch_size=32, seed=0, start_step=start_step, num_steps=num_steps
+    )
+    for images, labels in local:
+        yield train.global_batch(mesh, images, labels)
+
+
+def test_train_step_compiles_once_across_steps_and_a_checkpoint_restore(lenet_setup, tmp_path):
+    dataset, arch, mesh, config = lenet_setup
+    tx = train.make_optimizer(config)
+    step = train.make_train_step(arch, tx, train.make_schedule(config, 8), mesh)
+    state = train.create_train_state(arch, tx, 0, mesh)
+    batches = _batches(mesh, dataset, 8)
+    for _ in range(4):
+        state, _ = step(state, *next(batches))
+    with checkpoint.Writer(tmp_path) as writer:
+        writer.save(4, state, {"note": "test"})
+    state = checkpoint.restore(tmp_path, 4, train.abstract_train_state(arch, tx, mesh))
+    for _ in range(4):
+        state, metrics = step(state, *next(batches))
+    assert int(state.step) == 8 and np.isfinite(float(metrics["loss"]))
+    assert step._cache_size() == 1
+
+
+def test_gate_gradients_come_from_the_same_backward_pass_and_accumulate(lenet_setup):
+    dataset, arch, mesh, config = lenet_setup
+    tx = train.make_optimizer(config)
+    options = train.StepOptions(collect_gate_grads=True, accumulate_gfi=True)
+    step = train.make_train_step(arch, tx, train.make_schedule(config, 3), mesh, options)
+    state = train.create_train_state(arch, tx, 0, mesh, collect_gfi=True)
+    abs_sum = {g: 0.0 for g in jp.groups(arch)}
+    for images, labels in _batches(mesh, dataset, 3):
+        variables = state.variables
+        expected = importance.gate_gradients(
+            arch, variables, images, labels, importance.cross_entropy
+        )
+        state, _, gate_grads = step(state, images, labels)
+        assert {g: v.shape for g, v in gate_grads.items()} == {
+            g: (n,) for g, n in jp.groups(arch).items()
+        }
+        for g in expected:  # LeNet has no BatchNorm: train and eval mode agree.
+            np.testing.assert_allclose(gate_grads[g], expected[g], rtol=1e-4, atol=1e-7)
+            abs_sum[g] = abs_sum[g] + np.abs(np.asarray(gate_grads[g]))
+    assert int(state.gfi.num_steps) == 3
+    scores = importance.gfi_accumulator_scores(state.gfi)
+    for g in abs_sum:
+        np.testing.assert_allclose(scores[g], abs_sum[g] / 3, rtol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_parameters(lenet_setup):
+    dataset, arch, mesh, config = lenet_setup
+    tx = train.make_optimizer(config)
+    losses = {}
+    for dtype in train.ComputeDtype:
+        options = train.StepOptions(compute_dtype=dtype)
+        step = train.make_train_step(arch, tx, train.make_schedule(config, 1), mesh, options)
+        state = train.create_train_state(arch, tx, 0, mesh)
+        state, metrics = step(state, *next(_batches(mesh, dataset, 1)))
+        losses[dtype] = float(metrics["loss"])
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
+
+
+# ---------------------------------------------------------------- 1 device vs 8 devices
+
+_DEVICES_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    import jaxprune as jp
+    from jaxprune import data, train
+
+    assert jax.device_count() == 8, jax.devices()
+    out = {}
+    for name, shape in [("lenet5", (16, 16, 1)), ("resnet20", (16, 16, 3))]:
+        dataset = data.synthetic_dataset(data.SyntheticOptions(shape, 10, 256, 32))
+        arch = jp.models.create(name, 10, shape)
+        # A small learning rate: with BatchNorm on tiny random data the dynamics are chaotic.
+        config = train.OptimizerConfig(learning_rate=0.01, warmup_steps=2)
+        steps = 24
+        for n in (1, 8):
+            mesh = train.make_mesh(jax.devices()[:n])
+            tx = train.make_optimizer(config)
+            state = train.create_train_state(arch, tx, 0, mesh)
+            step = train.make_train_step(arch, tx, train.make_schedule(config, steps), mesh)
+            losses = []
+            for images, labels in data.train_batches(
+                dataset, global_batch_size=32, seed=0, num_steps=steps
+            ):
+                batch = train.global_batch(mesh, images, labels)
+                state, metrics = step(state, *batch)
+                losses.append(float(metrics["loss"]))
+                if len(losses) == 1:  # BatchNorm's running statistics after one update.
+                    stats = [float(x) for s in jax.tree.leaves(state.batch_stats) for x in s]
+            out[f"{name}/{n}"] = {
+                "losses": losses,
+                "devices": len(jax.tree.leaves(state.params)[0].sharding.device_set),
+                "batch_sharded": len(batch[0].addressable_shards),
+                "first_stats": stats,
+            }
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def device_runs():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _DEVICES_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet20"])
+def test_one_device_and_eight_devices_give_the_same_losses(device_runs, name):
+    one, eight = device_runs[f"{name}/1"], device_runs[f"{name}/8"]
+    assert (one["devices"], eight["devices"]) == (1, 8)
+    assert (one["batch_sharded"], eight["batch_sharded"]) == (1, 8)
+    losses_1, losses_8 = np.array(one["losses"]), np.array(eight["losses"])
+    assert len(losses_1) >= 20
+    # Step 1's loss is the first one computed after an update.
+    np.testing.assert_allclose(losses_8[:2], losses_1[:2], atol=1e-5, rtol=0)
+    # Rounding differences (sums in another order) grow chaotically: compare later steps loosely.
+    np.testing.assert_allclose(losses_8, losses_1, rtol=5e-2)
+    assert np.mean(losses_8) == pytest.approx(np.mean(losses_1), rel=1e-2)
+    # Running statistics are those of the global batch, not of each device's part of it.
+    np.testing.assert_allclose(eight["first_stats"], one["first_stats"], atol=1e-5, rtol=1e-5)
