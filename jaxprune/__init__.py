@@ -7,7 +7,7 @@ arch2, variables2 = jp.prune(arch, variables, keep)
 jp.count_macs(arch2), jp.count_params(arch2)
 """
 
-from jaxprune import models
+from jaxprune import checkpoint, importance, models, select, train
 from jaxprune.flops import count_macs, count_params, macs_per_layer, params_per_layer
 from jaxprune.graph import Layer, group_layers, groups, layers
 from jaxprune.surgery import full_keep, prune, prune_like
@@ -16,23 +16,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Layer",
+    "checkpoint",
     "count_macs",
     "count_params",
     "full_keep",
     "group_layers",
     "groups",
+    "importance",
     "layers",
     "macs_per_layer",
     "models",
     "params_per_layer",
     "prune",
     "prune_like",
+    "select",
+    "train",
 ]
-
-from jaxprune import checkpoint, train
-
-__all__ += ["checkpoint", "train"]
-
-from jaxprune import importance, select  # noqa: E402
-
-__all__ += ["importance", "select"]

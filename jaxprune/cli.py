@@ -11,6 +11,7 @@ Every user error ends the command with a non-zero status and one line on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -157,12 +158,32 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{kind.value}-ratio", type=float, help=f"fraction of {kind.value} kept"
         )
     prune.add_argument("--round-to", type=_positive_int, default=1, help="channel multiple")
+    prune.add_argument(
+        "--policy",
+        default="adaptive",
+        help="adaptive (one global ranking, GFI-AP) or uniform (same fraction of every group)",
+    )
     prune.add_argument("--out", required=True, help="new workdir for the pruned network")
     prune.add_argument("--num-batches", type=_positive_int, default=8, help="batches for scoring")
     prune.add_argument("--restore-step", type=int)
     prune.add_argument("--data-dir")
     prune.add_argument("--no-eval", action="store_true", help="skip accuracy before/after")
     _common(prune)
+
+    demo = commands.add_parser(
+        "demo", help="the main job: GFI-AP vs uniform L1 at the same MACs budget, end to end"
+    )
+    demo.add_argument("--full", action="store_true", help="the longer version (10 + 3 epochs)")
+    demo.add_argument("--model", help="default resnet20")
+    demo.add_argument("--data", help="default fashion_mnist")
+    demo.add_argument("--data-dir")
+    demo.add_argument("--macs-ratio", type=float, help="fraction of the MACs kept (0.5)")
+    demo.add_argument("--train-steps", type=_positive_int)
+    demo.add_argument("--finetune-steps", type=_positive_int)
+    demo.add_argument("--seed", type=int)
+    demo.add_argument("--workdir", help="default runs/demo-DATE-TIME (resumes if it exists)")
+    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    _common(demo)
 
     finetune = commands.add_parser("finetune", help="fine-tune a pruned workdir (or resume)")
     finetune.add_argument("--workdir", required=True)
@@ -262,6 +283,7 @@ def _prune(args: argparse.Namespace) -> None:
         args.method,
         pipeline.Budget(kind, ratio),
         round_to=args.round_to,
+        policy=args.policy,
         num_batches=args.num_batches,
         restore_step=args.restore_step,
         data_dir=args.data_dir,
@@ -287,7 +309,41 @@ def _eval(args: argparse.Namespace) -> None:
         )
 
 
-_COMMANDS = {"train": _train, "prune": _prune, "finetune": _finetune, "eval": _eval}
+def _demo(args: argparse.Namespace) -> None:
+    from jaxprune import demo, models
+
+    config = demo.FULL if args.full else demo.DemoConfig()
+    changes = {
+        field: getattr(args, field)
+        for field in (
+            "model",
+            "data",
+            "data_dir",
+            "macs_ratio",
+            "train_steps",
+            "finetune_steps",
+            "seed",
+        )  # fmt: skip
+        if getattr(args, field) is not None
+    }
+    config = dataclasses.replace(config, **changes)
+    if config.model not in models.names():
+        raise pipeline.UserError(
+            f"unknown model {config.model!r}; valid models: {', '.join(models.names())}"
+        )
+    if not 0 < config.macs_ratio <= 1:
+        raise pipeline.UserError(f"--macs-ratio must lie in (0, 1], got {config.macs_ratio}")
+    workdir = args.workdir or demo.default_workdir()
+    demo.run(config, workdir, progress=args.progress)
+
+
+_COMMANDS = {
+    "train": _train,
+    "prune": _prune,
+    "finetune": _finetune,
+    "eval": _eval,
+    "demo": _demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

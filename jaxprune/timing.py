@@ -31,7 +31,9 @@ class Timing:
         return self.batch_size / self.median_s
 
 
-def time_calls(fn: Callable[[], Any], batch_size: int, warmup: int = 2, repeats: int = 10) -> Timing:
+def time_calls(
+    fn: Callable[[], Any], batch_size: int, warmup: int = 2, repeats: int = 10
+) -> Timing:
     """Times ``fn()`` (which must return JAX arrays) ``repeats`` times after ``warmup`` calls."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
@@ -54,5 +56,7 @@ def inference_timing(
     """Eval-mode forward pass of ``arch`` on a random batch of ``batch_size`` images."""
     model = arch.module(dtype=dtype)
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch_size, *arch.input_shape)), jnp.float32)
+    x = jnp.asarray(
+        np.random.default_rng(0).normal(size=(batch_size, *arch.input_shape)), jnp.float32
+    )
     return time_calls(lambda: forward(variables, x), batch_size, warmup, repeats)

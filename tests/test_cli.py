@@ -95,6 +95,8 @@ def _errors(workdir: Path, tmp: Path) -> dict[str, tuple[list, int, str]]:
         "unknown method": (["prune", "--workdir", workdir, "--method", "nope", "--macs-ratio",
                             "0.5", "--out", tmp / "out"], 1, "valid methods: gfi, taylor_fo_bn"),
         "impossible budget": ([*prune, "--macs-ratio", "0.001"], 1, "impossible budget"),
+        "unknown policy": ([*prune, "--macs-ratio", "0.5", "--policy", "greedy"], 1,
+                           "unknown policy 'greedy'; valid policies: adaptive, uniform"),
         "ratio above one": ([*prune, "--params-ratio", "1.5"], 1, "fraction kept, in (0, 1]"),
         "two budgets": ([*prune, "--macs-ratio", "0.5", "--params-ratio", "0.5"], 2,
                         "not allowed with argument"),
@@ -115,6 +117,7 @@ def _errors(workdir: Path, tmp: Path) -> dict[str, tuple[list, int, str]]:
 
 ERROR_NAMES = [
     "unknown model", "unknown data", "missing data", "unknown method", "impossible budget",
+    "unknown policy",
     "ratio above one", "two budgets", "missing option", "other settings", "batch too large",
     "no checkpoint", "finetune unpruned", "out in use", "missing step",
 ]  # fmt: skip
@@ -195,3 +198,16 @@ def test_console_script(workdir, tmp_path):
     )
     assert good.returncode == 0, good.stderr
     assert json.loads(good.stdout)["step"] == 6
+
+
+def test_prune_uniform_policy_keeps_the_same_fraction_everywhere(workdir, tmp_path, capsys):
+    out = tmp_path / "uniform"
+    argv = ["prune", "--workdir", workdir, "--method", "l1", "--policy", "uniform",
+            "--macs-ratio", "0.5", "--no-eval", "--out", out]  # fmt: skip
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    record = json.loads((out / "prune.json").read_text())
+    assert record["policy"] == "uniform"
+    assert record["macs_after"] <= 0.5 * record["macs_before"]
+    fractions = [record["widths_after"][g] / n for g, n in record["widths_before"].items()]
+    assert max(fractions) - min(fractions) <= 1 / 6 + 1e-9  # conv1 has 6 channels

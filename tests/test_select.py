@@ -251,3 +251,18 @@ def test_iterative_rounds_reach_the_budget():
     same_arch, same_variables = jp.prune(arch, variables, result.keep)
     assert same_arch == result.arch
     jax.tree.map(np.testing.assert_array_equal, same_variables, result.variables)
+
+
+@pytest.mark.parametrize("name, round_to", [("resnet56", 1), ("vgg16", 8)])
+def test_uniform_to_a_macs_budget_is_uniform_and_lands_under_it(name, round_to):
+    arch = jp.models.create(name)
+    sizes = jp.groups(arch)
+    scores = {g: np.arange(n, dtype=np.float32) for g, n in sizes.items()}
+    keep = select.uniform(arch, scores, macs_ratio=0.5, round_to=round_to)
+    pruned = arch.resize({g: len(k) for g, k in keep.items()})
+    kept = jp.count_macs(pruned) / jp.count_macs(arch)
+    assert 0.45 < kept <= 0.5
+    fractions = {len(keep[g]) / n for g, n in sizes.items() if n >= 64}
+    assert max(fractions) - min(fractions) < 2 * round_to / 64
+    with pytest.raises(ValueError, match="exactly one"):
+        select.uniform(arch, scores, 0.5, macs_ratio=0.5)

@@ -22,7 +22,7 @@ from jaxprune.pipeline.config import (
     UserError,
 )
 from jaxprune.pipeline.pruning import check_budget, check_method, prune, prune_to
-from jaxprune.pipeline.training import evaluate, finetune, train
+from jaxprune.pipeline.training import evaluate, finetune, load, train
 
 __all__ = [
     "METRICS_FILE",
@@ -36,6 +36,7 @@ __all__ = [
     "check_method",
     "evaluate",
     "finetune",
+    "load",
     "prune",
     "prune_to",
     "train",

@@ -15,10 +15,12 @@ from jaxprune import checkpoint, data, importance, models, select
 from jaxprune.flops import count_macs, count_params
 from jaxprune.graph import Architecture, groups
 from jaxprune.pipeline import common
+from jaxprune.select import Policy
 from jaxprune.pipeline.config import (
     METRICS_FILE,
     PRUNE_FILE,
     Budget,
+    BudgetKind,
     Phase,
     TrainConfig,
     UserError,
@@ -147,6 +149,7 @@ def prune(
     budget: Budget,
     *,
     round_to: int = 1,
+    policy: Policy | str = "adaptive",
     num_batches: int = 8,
     restore_step: int | None = None,
     data_dir: str | None = None,
@@ -157,7 +160,8 @@ def prune(
     """Prunes the checkpoint in ``workdir`` to ``budget`` and writes it to the new workdir ``out``.
 
     Scores come from ``jaxprune.importance.CRITERIA[method]`` on ``num_batches`` training batches
-    (no augmentation), channels are chosen by ``jaxprune.select.adaptive``, and `jaxprune.prune`
+    (no augmentation), channels are chosen by ``jaxprune.select.adaptive`` (``policy="uniform"``:
+    `jaxprune.select.uniform`, the same fraction of every group), and `jaxprune.prune`
     removes them. The optimizer state is sliced with `jaxprune.prune_like`, so `finetune`
     continues from it. ``out/prune.json`` and a ``metrics.jsonl`` row record the widths of every
     group before and after, MACs and params (and accuracies before and after, if evaluated).
@@ -169,6 +173,14 @@ def prune(
     """
     out = Path(out)
     criterion = check_method(method)
+    try:
+        policy = Policy(policy)
+    except ValueError:
+        raise UserError(
+            f"unknown policy {policy!r}; valid policies: {', '.join(p.value for p in Policy)}"
+        ) from None
+    if policy is Policy.UNIFORM and budget.kind is BudgetKind.FILTERS:
+        raise UserError("--policy uniform takes a --macs-ratio or --params-ratio budget")
     step, meta, arch, config = _open_for_pruning(workdir, out, restore_step, data_dir, devices)
     check_budget(arch, budget, round_to)
     dataset = common.load_dataset(config)
@@ -200,17 +212,23 @@ def prune(
         # On host: every process scores the same global batches on its own first device.
         scores = criterion(arch, jax.device_get(state.variables), batches=batches)
     try:
-        keep = select.adaptive(
-            arch,
-            scores,
-            round_to=round_to,
-            normalize=importance.DEFAULT_NORMALIZE.get(method),
-            **{f"{budget.kind.value}_ratio": budget.ratio},
-        )
+        if policy is Policy.ADAPTIVE:
+            keep = select.adaptive(
+                arch,
+                scores,
+                round_to=round_to,
+                normalize=importance.DEFAULT_NORMALIZE.get(method),
+                **{f"{budget.kind.value}_ratio": budget.ratio},
+            )
+        else:
+            keep = select.uniform(
+                arch, scores, round_to=round_to, **{f"{budget.kind.value}_ratio": budget.ratio}
+            )
     except ValueError as e:
         raise UserError(str(e)) from None
     how = {
         "method": method,
+        "policy": policy.value,
         "budget": {"kind": budget.kind.value, "ratio": budget.ratio},
         "round_to": round_to,
         **how,

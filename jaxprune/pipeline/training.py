@@ -12,6 +12,7 @@ import jax
 
 from jaxprune import checkpoint, data, models
 from jaxprune.flops import count_macs, count_params
+from jaxprune.graph import Architecture
 from jaxprune.pipeline import common
 from jaxprune.pipeline.config import METRICS_FILE, Phase, TrainConfig, UserError
 from jaxprune.train import loop, parallel
@@ -224,3 +225,20 @@ def evaluate(
         "params": count_params(arch),
         "num_examples": dataset.num_examples[data.Split.TEST],
     }
+
+
+def load(
+    workdir: str | os.PathLike, *, restore_step: int | None = None
+) -> tuple[Architecture, dict]:
+    """(architecture, variables) of a workdir's checkpoint (latest unless ``restore_step``).
+
+    The variables are ``{'params', 'batch_stats'}`` on the default device, ready for
+    ``arch.module().apply``; no data is read.
+    """
+    workdir = Path(workdir)
+    step = common.pick_step(workdir, restore_step)
+    if step is None:
+        raise UserError(f"no checkpoint in {workdir}")
+    meta = common.read_meta(workdir, step)
+    arch, state = common.restore(workdir, step, meta, common.data_mesh(jax.devices()[:1], 1))
+    return arch, jax.device_get(state.variables)

@@ -13,6 +13,7 @@ as they go and return a `PruneResult`, whose keep sets index the network they st
 
 from jaxprune.select.budget import (
     Budget,
+    Policy,
     CostModel,
     Keep,
     Normalize,
@@ -34,6 +35,7 @@ from jaxprune.select.sequential import (
 )
 
 __all__ = [
+    "Policy",
     "Budget",
     "CostModel",
     "Keep",

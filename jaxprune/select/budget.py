@@ -27,6 +27,13 @@ class Normalize(enum.StrEnum):
     RANK = "rank"  # (rank + 1) / n in (0, 1]: ranks only, sizes ignored
 
 
+class Policy(enum.StrEnum):
+    """How a budget is shared among groups."""
+
+    ADAPTIVE = "adaptive"  # one global ranking (GFI-AP): non-uniform widths
+    UNIFORM = "uniform"  # the same fraction of every group
+
+
 class Budget(enum.StrEnum):
     MACS = "macs"
     PARAMS = "params"
@@ -318,12 +325,23 @@ def adaptive(
 
 
 def uniform(
-    arch: Architecture, scores: Scores, ratio: float, round_to: int = 1, min_keep: int = 1
+    arch: Architecture,
+    scores: Scores,
+    ratio: float | None = None,
+    round_to: int = 1,
+    min_keep: int = 1,
+    *,
+    macs_ratio: float | None = None,
+    params_ratio: float | None = None,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> Keep:
-    """The same fraction ``ratio`` kept in every group: the baseline GFI-AP's adaptive widths beat.
+    """The same fraction kept in every group: the baseline GFI-AP's adaptive widths beat.
 
-    Each group keeps its ``round(ratio * n)`` best channels, rounded to the nearest multiple of
-    ``round_to`` (or full), at least ``min_keep``.
+    With ``ratio``, each group keeps its ``round(ratio * n)`` best channels, rounded to the nearest
+    multiple of ``round_to`` (or full), at least ``min_keep``. With ``macs_ratio`` or
+    ``params_ratio`` instead, the per-group fraction is the largest (found by bisection) whose
+    network keeps at most that fraction of the MACs or params, so uniform and `adaptive` can be
+    compared at the same cost.
 
     Args:
       arch: the architecture.
@@ -331,15 +349,46 @@ def uniform(
       ratio: fraction kept per group, in (0, 1].
       round_to: widths a multiple of this, or full.
       min_keep: channels every group keeps at least.
+      macs_ratio: fraction of the network's MACs kept, in (0, 1] (instead of ``ratio``).
+      params_ratio: fraction of the network's params kept (instead of ``ratio``).
+      input_shape: (H, W, C) for counting MACs; default the architecture's.
 
     Returns:
       ``{group: int64[k]}`` increasing indices for every group.
+
+    Raises:
+      ValueError: before any work, for not exactly one of the ratios, a ratio outside (0, 1], bad
+        ``round_to``/``min_keep``, or a budget below what ``min_keep``/``round_to`` allow.
     """
-    ratio = check_ratio("ratio", ratio)
+    given = {"ratio": ratio, "macs_ratio": macs_ratio, "params_ratio": params_ratio}
+    if sum(v is not None for v in given.values()) != 1:
+        raise ValueError(f"give exactly one of {', '.join(given)}")
     check_rounding(round_to, min_keep)
     sizes = _check_scores(arch, scores)
     names = tuple(sizes)
     full = np.array([sizes[g] for g in names], np.int64)
-    nearest = np.floor(ratio * full / round_to + 0.5).astype(np.int64) * round_to
-    widths = legal_widths(nearest, full, round_to, min_keep)
+
+    def widths_at(fraction: float) -> np.ndarray:
+        nearest = np.floor(fraction * full / round_to + 0.5).astype(np.int64) * round_to
+        return legal_widths(nearest, full, round_to, min_keep)
+
+    if ratio is not None:
+        widths = widths_at(check_ratio("ratio", ratio))
+    else:
+        kind = Budget.MACS if macs_ratio is not None else Budget.PARAMS
+        target = check_ratio(
+            f"{kind}_ratio", macs_ratio if macs_ratio is not None else params_ratio
+        )
+        cost = CostModel.build(arch, kind, input_shape)
+        budget = target * cost(full)
+        if cost(widths_at(0.0)) > budget * (1 + 1e-12):
+            raise ValueError(
+                f"{kind} budget {target:.4g} is impossible for uniform widths with "
+                f"min_keep={min_keep} and round_to={round_to}"
+            )
+        lo, hi = 0.0, 1.0  # cost(widths_at(lo)) <= budget always holds
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if cost(widths_at(mid)) <= budget else (lo, mid)
+        widths = widths_at(lo)
     return _top_keep(normalize_scores(scores, None), names, widths)
