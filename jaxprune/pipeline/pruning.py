@@ -15,7 +15,6 @@ from jaxprune import checkpoint, data, importance, models, select
 from jaxprune.flops import count_macs, count_params
 from jaxprune.graph import Architecture, groups
 from jaxprune.pipeline import common
-from jaxprune.select import Policy
 from jaxprune.pipeline.config import (
     METRICS_FILE,
     PRUNE_FILE,
@@ -25,6 +24,7 @@ from jaxprune.pipeline.config import (
     TrainConfig,
     UserError,
 )
+from jaxprune.select import Policy
 from jaxprune.surgery import prune as prune_variables
 from jaxprune.surgery import prune_like
 from jaxprune.train import loop, parallel

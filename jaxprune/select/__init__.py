@@ -13,10 +13,10 @@ as they go and return a `PruneResult`, whose keep sets index the network they st
 
 from jaxprune.select.budget import (
     Budget,
-    Policy,
     CostModel,
     Keep,
     Normalize,
+    Policy,
     adaptive,
     legal_widths,
     min_widths,
