@@ -1,0 +1,282 @@
+"""Issue 5, part 2a: GFI-AP against uniform L1 and Taylor-FO-BN at equal MACs, after equal fine-tuning.
+
+For every model and seed, one baseline is trained with `jaxprune.pipeline.train`; every method
+scores its channels once (the same unaugmented training batches for all data criteria), and for
+every MACs budget the channels are chosen by `jaxprune.select` (GFI-AP and Taylor-FO-BN: one
+global ranking, `select.adaptive`; L1: the same fraction of every group, `select.uniform` at the
+same MACs), cut with `jaxprune.pipeline.prune_to` (which also slices the optimizer state) and
+fine-tuned with `jaxprune.pipeline.finetune` for the same number of steps. Accuracy is the
+fine-tuning run's final evaluation on the whole test split.
+
+    python experiments/compare_methods.py --out experiments/results/2a.json          # full grid
+    python experiments/compare_methods.py --tiny --out /tmp/2a_tiny.json             # smoke test
+
+References:
+  Mondal et al. 2022 (GFI-AP), Computer Vision and Image Understanding.
+  Molchanov et al. 2019 (Taylor-FO-BN), CVPR. Li et al. 2017 (L1-norm filter pruning), ICLR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune import data, importance, pipeline, select
+from jaxprune.flops import count_macs, count_params
+from jaxprune.graph import groups
+from jaxprune.train.optim import OptimizerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A pruning method: an importance criterion, its options and a selection policy."""
+
+    criterion: str
+    policy: select.Policy
+    options: tuple[tuple[str, str], ...] = ()
+
+
+METHODS: dict[str, Method] = {
+    "gfi_gradient": Method("gfi", select.Policy.ADAPTIVE, (("signal", "gradient"),)),
+    "gfi_activation": Method("gfi", select.Policy.ADAPTIVE, (("signal", "activation"),)),
+    "l1_uniform": Method("l1", select.Policy.UNIFORM),
+    "taylor_fo_bn": Method("taylor_fo_bn", select.Policy.ADAPTIVE),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["resnet20", "vgg16"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument(
+        "--macs-ratios",
+        nargs="+",
+        type=float,
+        default=[0.7, 0.5, 0.3],
+        help="fractions of the MACs KEPT (0.7 = 30%% removed)",
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--data", default="fashion_mnist")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--train-steps", type=int, default=4690, help="baseline (default 10 epochs)")
+    p.add_argument("--finetune-steps", type=int, default=1407, help="each pruned model (3 epochs)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate of training")
+    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--score-batches", type=int, default=8, help="batches the data criteria see")
+    p.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
+    p.add_argument("--out", default="results.json")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="seconds-long smoke run: synthetic 8x8 data, resnet20, two ratios, a few steps",
+    )
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.models, args.seeds, args.macs_ratios = ["resnet20"], [0], [0.7, 0.4]
+        args.data, args.train_steps, args.finetune_steps = "synthetic", 4, 2
+        args.batch_size, args.score_batches = 16, 1
+    return args
+
+
+def score(method: Method, arch, variables, batches) -> dict:
+    """``{group: f32[n]}`` of ``method``'s criterion; batches only for the data criteria."""
+    needs = method.criterion in importance.NEEDS_BATCHES
+    return importance.CRITERIA[method.criterion](
+        arch, variables, batches if needs else None, **dict(method.options)
+    )
+
+
+def choose(method: Method, arch, scores: dict, macs_ratio: float) -> dict:
+    if method.policy is select.Policy.UNIFORM:
+        return select.uniform(arch, scores, macs_ratio=macs_ratio)
+    return select.adaptive(
+        arch,
+        scores,
+        macs_ratio=macs_ratio,
+        normalize=importance.DEFAULT_NORMALIZE[method.criterion],
+    )
+
+
+def run(args: argparse.Namespace) -> dict:
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="compare_"))
+    synthetic = (
+        data.SyntheticOptions(image_shape=(8, 8, 1), num_train=64, num_test=32)
+        if args.data == "synthetic"
+        else None
+    )
+    dataset = data.load_dataset(args.data, data_dir=args.data_dir, synthetic=synthetic)
+    rows, baselines = [], []
+    started = time.perf_counter()
+    for model in args.models:
+        for seed in args.seeds:
+            config = pipeline.TrainConfig(
+                model=model,
+                data=args.data,
+                num_steps=args.train_steps,
+                batch_size=args.batch_size,
+                seed=seed,
+                optimizer=OptimizerConfig(learning_rate=args.lr),
+                synthetic=synthetic,
+                data_dir=args.data_dir,
+                log_every=max(1, min(50, args.train_steps)),
+            )
+            base = root / model / f"seed{seed}" / "baseline"
+            t0 = time.perf_counter()
+            trained = pipeline.train(config, base, progress=False)
+            arch, variables = pipeline.load(base)
+            baselines.append(
+                {
+                    "model": model,
+                    "seed": seed,
+                    "accuracy": trained["accuracy"],
+                    "macs": count_macs(arch),
+                    "params": count_params(arch),
+                    "train_s": time.perf_counter() - t0,
+                }
+            )
+            print(f"{model} seed {seed}: baseline accuracy {trained['accuracy']:.4f}", flush=True)
+            batches = [
+                (jnp.asarray(x), jnp.asarray(y))
+                for x, y in data.train_batches(
+                    dataset,
+                    global_batch_size=args.batch_size,
+                    seed=seed,
+                    num_steps=args.score_batches,
+                    augment=False,
+                )
+            ]
+            for name in args.methods:
+                method = METHODS[name]
+                t0 = time.perf_counter()
+                scores = jax.device_get(score(method, arch, variables, batches))
+                score_s = time.perf_counter() - t0
+                for ratio in args.macs_ratios:
+                    keep = choose(method, arch, scores, ratio)
+                    out = root / model / f"seed{seed}" / f"{name}_{ratio}"
+                    if out.exists():
+                        shutil.rmtree(out)
+                    record = pipeline.prune_to(
+                        base, out, keep, evaluate_before_after=False, verbose=False
+                    )
+                    t0 = time.perf_counter()
+                    tuned = pipeline.finetune(
+                        out,
+                        num_steps=args.finetune_steps,
+                        optimizer_changes={"learning_rate": args.finetune_lr},
+                        progress=False,
+                        verbose=False,
+                    )
+                    row = {
+                        "model": model,
+                        "seed": seed,
+                        "method": name,
+                        "criterion": method.criterion,
+                        "policy": method.policy.value,
+                        "macs_ratio_target": ratio,
+                        "macs": record["macs_after"],
+                        "macs_ratio": record["macs_after"] / record["macs_before"],
+                        "params": record["params_after"],
+                        "widths": record["widths_after"],
+                        "accuracy": tuned["accuracy"],
+                        "score_s": score_s,
+                        "finetune_s": time.perf_counter() - t0,
+                    }
+                    rows.append(row)
+                    print(
+                        f"  {name:<15} MACs kept {row['macs_ratio']:.3f} "
+                        f"accuracy {row['accuracy']:.4f}",
+                        flush=True,
+                    )
+    if not args.workdir:
+        shutil.rmtree(root, ignore_errors=True)
+    return {
+        "experiment": "2a: GFI-AP vs uniform L1 vs Taylor-FO-BN at equal MACs",
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.machine(),
+            "devices": [d.device_kind for d in jax.devices()],
+            "jax": jax.__version__,
+        },
+        "date": datetime.date.today().isoformat(),
+        "wall_s": time.perf_counter() - started,
+        "baselines": baselines,
+        "runs": rows,
+        "summary": summarize(rows, baselines),
+    }
+
+
+def summarize(rows: list[dict], baselines: list[dict]) -> list[dict]:
+    """Mean (and sample std over seeds, when several) per (model, method, ratio)."""
+    out = []
+    for b_model in dict.fromkeys(b["model"] for b in baselines):
+        base_acc = [b["accuracy"] for b in baselines if b["model"] == b_model]
+        out.append(_stats(b_model, "baseline", 1.0, base_acc, [1.0]))
+        keys = dict.fromkeys(
+            (r["method"], r["macs_ratio_target"]) for r in rows if r["model"] == b_model
+        )
+        for method, ratio in keys:
+            sel = [
+                r
+                for r in rows
+                if (r["model"], r["method"], r["macs_ratio_target"]) == (b_model, method, ratio)
+            ]
+            out.append(
+                _stats(
+                    b_model,
+                    method,
+                    ratio,
+                    [r["accuracy"] for r in sel],
+                    [r["macs_ratio"] for r in sel],
+                )
+            )
+    return out
+
+
+def _stats(model, method, target, accuracies, macs_ratios) -> dict:
+    return {
+        "model": model,
+        "method": method,
+        "macs_ratio_target": target,
+        "macs_ratio": statistics.fmean(macs_ratios),
+        "accuracy_mean": statistics.fmean(accuracies),
+        "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+        "num_seeds": len(accuracies),
+    }
+
+
+def format_table(summary: list[dict]) -> str:
+    lines = [f"{'model':<10}{'method':<16}{'MACs kept':>10}{'accuracy':>10}{'std':>8}{'seeds':>6}"]
+    for s in summary:
+        std = "-" if s["accuracy_std"] is None else f"{s['accuracy_std']:.4f}"
+        lines.append(
+            f"{s['model']:<10}{s['method']:<16}{s['macs_ratio']:>10.3f}"
+            f"{s['accuracy_mean']:>10.4f}{std:>8}{s['num_seeds']:>6}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    result = run(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(format_table(result["summary"]))
+    print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
