@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init_variables
+from conftest import random_variables
 from flax import traverse_util
 
 import jaxprune as jp
@@ -92,7 +92,7 @@ def test_submodule_names_are_readable(name):
 
 def test_bf16_compute_keeps_float32_params():
     arch = jp.models.create("resnet20", input_shape=(8, 8, 3))
-    variables = init_variables(arch)
+    variables = random_variables(arch)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, *arch.input_shape)), jnp.float32)
     full = arch.module().apply(variables, x)
     half_model = arch.module(dtype=jnp.bfloat16)
@@ -106,14 +106,14 @@ def test_bf16_compute_keeps_float32_params():
 
 def test_unknown_gate_group_raises():
     arch = jp.models.create("lenet5")
-    variables = init_variables(arch)
+    variables = random_variables(arch)
     with pytest.raises(ValueError, match="unknown gate groups \\['conv3'\\]"):
         arch.module().apply(variables, jnp.ones((1, 28, 28, 1)), gates={"conv3": jnp.ones(4)})
 
 
 def test_gate_of_wrong_size_raises():
     arch = jp.models.create("lenet5")
-    variables = init_variables(arch)
+    variables = random_variables(arch)
     with pytest.raises(ValueError, match="'conv1' has shape \\(4,\\), expected \\(6,\\)"):
         arch.module().apply(variables, jnp.ones((1, 28, 28, 1)), gates={"conv1": jnp.ones(4)})
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import init_variables, small_arch
+from conftest import random_variables, small_arch
 
 import jaxprune as jp
 
@@ -30,15 +30,15 @@ def relative_error(a, b) -> float:
 @pytest.mark.parametrize("name", jp.models.names())
 def test_pruned_equals_gated(name):
     arch = small_arch(name)
-    variables = init_variables(arch, seed=1)
+    variables = random_variables(arch, seed=1)
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(2, *arch.input_shape)), jnp.float32)
     group_sizes = jp.groups(arch)
     keep = random_keep(group_sizes, rng)
 
-    gated = arch.module().apply(variables, x, train=False, gates=gates_for(group_sizes, keep))
+    gated = jax.jit(arch.module().apply)(variables, x, gates=gates_for(group_sizes, keep))
     pruned_arch, pruned_vars = jp.prune(arch, variables, keep)
-    pruned = pruned_arch.module().apply(pruned_vars, x, train=False)
+    pruned = jax.jit(pruned_arch.module().apply)(pruned_vars, x)
 
     assert jp.groups(pruned_arch) == {g: len(i) for g, i in keep.items()}
     assert jp.count_macs(pruned_arch) < jp.count_macs(arch)
@@ -48,7 +48,7 @@ def test_pruned_equals_gated(name):
 @pytest.mark.parametrize("name", ["lenet5", "vgg11", "resnet20", "resnet50"])
 def test_keep_everything_is_identity(name):
     arch = small_arch(name)
-    variables = init_variables(arch)
+    variables = random_variables(arch)
     x = jnp.ones((2, *arch.input_shape))
     everything = {g: np.arange(n) for g, n in jp.groups(arch).items()}
     for keep in ({}, everything):
@@ -61,7 +61,7 @@ def test_keep_everything_is_identity(name):
 
 def test_prune_is_pure():
     arch = small_arch("resnet20")
-    variables = init_variables(arch)
+    variables = random_variables(arch)
     before = jax.tree.map(np.array, variables)
     jp.prune(arch, variables, {"stage2": np.arange(5)})
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, variables))
@@ -70,7 +70,7 @@ def test_prune_is_pure():
 def test_pruned_flatten_rows_of_lenet():
     """fc1 reads a flattened 5x5x16 map: pruning conv2 must drop whole channel-minor rows."""
     arch = jp.models.create("lenet5")
-    variables = init_variables(arch)
+    variables = random_variables(arch)
     keep = {"conv2": np.array([0, 3, 7])}
     pruned_arch, pruned_vars = jp.prune(arch, variables, keep)
     kernel = variables["params"]["fc1"]["kernel"].reshape(25, 16, 120)
@@ -82,7 +82,7 @@ def test_pruned_flatten_rows_of_lenet():
 
 def test_stage_group_slices_every_tensor_it_ties():
     arch = jp.models.create("resnet20")
-    variables = init_variables(arch)
+    variables = random_variables(arch)
     keep = {"stage1": np.array([1, 4, 9]), "stage2": np.arange(0, 32, 2)}
     pruned_arch, pruned = jp.prune(arch, variables, keep)
     params = pruned["params"]
@@ -116,14 +116,14 @@ def test_resnet50_stem_is_its_own_group():
 )
 def test_bad_keep_sets_raise(keep, message):
     arch = jp.models.create("resnet20")
-    variables = init_variables(arch)
+    variables = random_variables(arch)
     with pytest.raises(ValueError, match=message):
         jp.prune(arch, variables, keep)
 
 
 def test_prune_like_slices_optimizer_state():
     arch = jp.models.create("resnet20")
-    variables = init_variables(arch)
+    variables = random_variables(arch)
     optimizer = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
     opt_state = optimizer.init(variables["params"])
     opt_state = jax.tree.map(lambda x: x + 1.0, opt_state)  # non-zero momentum
