@@ -190,12 +190,24 @@ def bench_model(name: str, arch: Any, args) -> dict:
     out["gfi_pass"] = gfi
 
     if name in args.oracle_models:
-        out["oracle"] = oracle_cost(arch, variables, args)
+        out["oracle"] = oracle_cost(
+            arch,
+            variables,
+            args,
+            base["inference"]["median_s"],
+            base["train_step"]["median_s"],
+        )
     return out
 
 
-def oracle_cost(arch: Any, variables: dict, args) -> dict:
-    """One cold call of the oracle on one batch of ``--oracle-batch`` images, all channels."""
+def oracle_cost(
+    arch: Any, variables: dict, args, train_batch_forward_s: float, train_step_s: float
+) -> dict:
+    """One cold call of the oracle on one batch of ``--oracle-batch`` images, all channels.
+
+    The oracle runs one forward pass per channel; its cost in forward passes of the small batch is
+    scaled to the train batch with that batch's measured forward time (an extrapolation).
+    """
     batch_size = 4 if args.tiny else args.oracle_batch
     batch = [random_batch(arch, batch_size)]
     forward = inference_timing(arch, variables, batch_size, args.repeats)
@@ -204,13 +216,19 @@ def oracle_cost(arch: Any, variables: dict, args) -> dict:
     jax.block_until_ready(importance.oracle(arch, variables, batch))
     oracle_s = time.perf_counter() - start
     channels = sum(jp.groups(arch).values())
+    equivalent = oracle_s / forward["median_s"]
     return {
         "batch_size": batch_size,
         "channels": channels,
         "seconds_one_call": oracle_s,
         "forward_median_s": forward["median_s"],
-        "forward_passes_equivalent": oracle_s / forward["median_s"],
+        "forward_passes_equivalent": equivalent,
         "note": "one cold call (compilation included): channels + 1 forward passes of the batch",
+        # Extrapolation, not a measurement: the same number of forward passes at the train batch.
+        "extrapolated_s_at_train_batch": equivalent * train_batch_forward_s,
+        "extrapolated_train_steps_at_train_batch": equivalent
+        * train_batch_forward_s
+        / train_step_s,
     }
 
 
@@ -218,11 +236,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the results here as JSON")
     parser.add_argument("--models", nargs="+", default=list(BATCH_SIZES), choices=BATCH_SIZES)
-    parser.add_argument("--batch-size", type=int, help="one batch size for all (default: per model)")
+    parser.add_argument("--batch-size", type=int, help="for all models (default: per model)")
     parser.add_argument("--macs-ratio", type=float, default=0.5, help="fraction of MACs kept")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--oracle-models", nargs="*", default=["resnet56"])
-    parser.add_argument("--oracle-batch", type=int, default=8)
+    parser.add_argument("--oracle-batch", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke version")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -278,7 +296,9 @@ def print_tables(record: dict) -> None:
             print(
                 f"\noracle {name}: {o['channels']} channels, batch {o['batch_size']}: "
                 f"{o['seconds_one_call']:.1f} s = {o['forward_passes_equivalent']:.0f} forward "
-                f"passes ({o['forward_median_s'] * 1e3:.1f} ms each)"
+                f"passes ({o['forward_median_s'] * 1e3:.1f} ms each); extrapolated to batch "
+                f"{m['batch_size']}: {o['extrapolated_s_at_train_batch']:.0f} s = "
+                f"{o['extrapolated_train_steps']:.0f} train steps"
             )
 
 

@@ -80,12 +80,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--tiny",
         action="store_true",
-        help="seconds-long smoke run: synthetic 8x8 data, resnet20, two ratios, a few steps",
+        help="seconds-long smoke run: synthetic data, lenet5, two ratios, a few steps",
     )
     args = p.parse_args(argv)
     if args.tiny:
-        args.models, args.seeds, args.macs_ratios = ["resnet20"], [0], [0.7, 0.4]
-        args.data, args.train_steps, args.finetune_steps = "synthetic", 4, 2
+        args.models, args.seeds, args.macs_ratios = ["lenet5"], [0], [0.7, 0.4]
+        args.data, args.train_steps, args.finetune_steps = "synthetic", 2, 1
         args.batch_size, args.score_batches = 16, 1
     return args
 
@@ -112,7 +112,7 @@ def choose(method: Method, arch, scores: dict, macs_ratio: float) -> dict:
 def run(args: argparse.Namespace) -> dict:
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="compare_"))
     synthetic = (
-        data.SyntheticOptions(image_shape=(8, 8, 1), num_train=64, num_test=32)
+        data.SyntheticOptions(image_shape=(28, 28, 1), num_train=64, num_test=32)
         if args.data == "synthetic"
         else None
     )

@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"groups; {args.num_batches} batches of {args.batch_size} test images"
     )
 
-    oracle, oracle_s = timed(importance.oracle, arch, variables, batches, chunk_size=args.oracle_chunk)
+    oracle, oracle_s = timed(
+        importance.oracle, arch, variables, batches, chunk_size=args.oracle_chunk
+    )
     oracle = as_numpy(oracle)
     print(f"oracle: {oracle_s:.1f} s (one cold call)")
     abs_oracle = {g: np.abs(v) for g, v in oracle.items()}
@@ -191,7 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     record = {
         "experiment": "2c importance quality",
-        "command": " ".join(["python", "experiments/importance_quality.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(
+            ["python", "experiments/importance_quality.py", *(argv or sys.argv[1:])]
+        ),
         "environment": environment(),
         "model": arch.name,
         "groups": jp.groups(arch),
