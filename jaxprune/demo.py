@@ -39,8 +39,8 @@ class DemoConfig:
 
     model: str = "resnet20"
     data: str = "fashion_mnist"
-    train_steps: int = 400
-    finetune_steps: int = 150
+    train_steps: int = 300
+    finetune_steps: int = 100
     batch_size: int = 128
     macs_ratio: float = 0.5
     learning_rate: float = 0.1
