@@ -226,9 +226,7 @@ def oracle_cost(
         "note": "one cold call (compilation included): channels + 1 forward passes of the batch",
         # Extrapolation, not a measurement: the same number of forward passes at the train batch.
         "extrapolated_s_at_train_batch": equivalent * train_batch_forward_s,
-        "extrapolated_train_steps_at_train_batch": equivalent
-        * train_batch_forward_s
-        / train_step_s,
+        "extrapolated_train_steps": equivalent * train_batch_forward_s / train_step_s,
     }
 
 
@@ -248,10 +246,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     archs = tiny_archs() if args.tiny else {m: jp.models.create(m) for m in BATCH_SIZES}
-    results = {}
-    for name in args.models:
-        print(f"{name} ...", flush=True)
-        results[name] = bench_model(name, archs[name], args)
     record = {
         "experiment": "2d speed",
         "command": " ".join(["python", "experiments/bench.py", *(argv or sys.argv[1:])]),
@@ -260,13 +254,16 @@ def main(argv: list[str] | None = None) -> dict:
         "policy": "select.adaptive",
         "macs_ratio_target": args.macs_ratio,
         "repeats": args.repeats,
-        "models": results,
-        "total_s": time.perf_counter() - start,
+        "models": {},
     }
+    for name in args.models:
+        print(f"{name} ...", flush=True)
+        record["models"][name] = bench_model(name, archs[name], args)
+        record["total_s"] = time.perf_counter() - start
+        if args.out:  # after every model: a long run that is cut short keeps what it measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(record, indent=1))
     print_tables(record)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1))
     return record
 
 

@@ -1,4 +1,4 @@
-"""Issue 5, part 2a: GFI-AP against uniform L1 and Taylor-FO-BN at equal MACs, after equal fine-tuning.
+"""Issue 5, part 2a: GFI-AP vs uniform L1 vs Taylor-FO-BN at equal MACs, after equal fine-tuning.
 
 For every model and seed, one baseline is trained with `jaxprune.pipeline.train`; every method
 scores its channels once (the same unaugmented training batches for all data criteria), and for
@@ -34,7 +34,6 @@ import jax.numpy as jnp
 
 from jaxprune import data, importance, pipeline, select
 from jaxprune.flops import count_macs, count_params
-from jaxprune.graph import groups
 from jaxprune.train.optim import OptimizerConfig
 
 
@@ -77,16 +76,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--score-batches", type=int, default=8, help="batches the data criteria see")
     p.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
     p.add_argument("--out", default="results.json")
+    p.add_argument("--report", metavar="JSON", help="print a Markdown table of a results file")
     p.add_argument(
         "--tiny",
         action="store_true",
-        help="seconds-long smoke run: synthetic data, lenet5, two ratios, a few steps",
+        help="smoke run: synthetic data, lenet5, gfi_gradient and l1_uniform, two ratios",
     )
     args = p.parse_args(argv)
     if args.tiny:
         args.models, args.seeds, args.macs_ratios = ["lenet5"], [0], [0.7, 0.4]
         args.data, args.train_steps, args.finetune_steps = "synthetic", 2, 1
         args.batch_size, args.score_batches = 16, 1
+        if args.methods == list(METHODS):  # two fine-tuned methods; the tests score all four
+            args.methods = ["gfi_gradient", "l1_uniform"]
     return args
 
 
@@ -109,7 +111,8 @@ def choose(method: Method, arch, scores: dict, macs_ratio: float) -> dict:
     )
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, partial=None) -> dict:
+    """Runs the grid; ``partial(record)`` (if given) receives the record after every run."""
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="compare_"))
     synthetic = (
         data.SyntheticOptions(image_shape=(28, 28, 1), num_train=64, num_test=32)
@@ -157,13 +160,16 @@ def run(args: argparse.Namespace) -> dict:
                     augment=False,
                 )
             ]
+            scores, score_s = {}, {}
             for name in args.methods:
-                method = METHODS[name]
                 t0 = time.perf_counter()
-                scores = jax.device_get(score(method, arch, variables, batches))
-                score_s = time.perf_counter() - t0
-                for ratio in args.macs_ratios:
-                    keep = choose(method, arch, scores, ratio)
+                scores[name] = jax.device_get(score(METHODS[name], arch, variables, batches))
+                score_s[name] = time.perf_counter() - t0
+            # Budgets outermost: a run cut short still holds every method at the finished budgets.
+            for ratio in args.macs_ratios:
+                for name in args.methods:
+                    method = METHODS[name]
+                    keep = choose(method, arch, scores[name], ratio)
                     out = root / model / f"seed{seed}" / f"{name}_{ratio}"
                     if out.exists():
                         shutil.rmtree(out)
@@ -190,7 +196,7 @@ def run(args: argparse.Namespace) -> dict:
                         "params": record["params_after"],
                         "widths": record["widths_after"],
                         "accuracy": tuned["accuracy"],
-                        "score_s": score_s,
+                        "score_s": score_s[name],
                         "finetune_s": time.perf_counter() - t0,
                     }
                     rows.append(row)
@@ -199,10 +205,17 @@ def run(args: argparse.Namespace) -> dict:
                         f"accuracy {row['accuracy']:.4f}",
                         flush=True,
                     )
+                    if partial is not None:
+                        partial(record_of(args, started, baselines, rows, complete=False))
     if not args.workdir:
         shutil.rmtree(root, ignore_errors=True)
+    return record_of(args, started, baselines, rows, complete=True)
+
+
+def record_of(args, started: float, baselines: list, rows: list, complete: bool) -> dict:
     return {
         "experiment": "2a: GFI-AP vs uniform L1 vs Taylor-FO-BN at equal MACs",
+        "complete": complete,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {
             "platform": platform.platform(),
@@ -268,11 +281,35 @@ def format_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(result: dict) -> str:
+    """Markdown table of the summary, budgets in the order 70%, 50%, 30% of the MACs kept."""
+    rows = sorted(result["summary"], key=lambda s: (s["model"], -s["macs_ratio_target"]))
+    lines = [
+        "| model | method | MACs kept (target) | MACs kept | accuracy | std | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in rows:
+        std = "-" if s["accuracy_std"] is None else f"{s['accuracy_std']:.4f}"
+        lines.append(
+            f"| {s['model']} | {s['method']} | {s['macs_ratio_target']:.2f} | "
+            f"{s['macs_ratio']:.3f} | {s['accuracy_mean']:.4f} | {std} | {s['num_seeds']} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    result = run(args)
+    if args.report:
+        result = json.loads(Path(args.report).read_text())
+        print(markdown_table(result))
+        return result
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+
+    def write(record: dict) -> None:
+        Path(args.out).write_text(json.dumps(record, indent=1))
+
+    result = run(args, partial=write)
+    write(result)
     print(format_table(result["summary"]))
     print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
     return result

@@ -1,0 +1,94 @@
+"""The small (``--tiny``) versions of experiments 2c (importance quality) and 2d (speed).
+
+They run in-process through each script's ``main(argv)`` and pin the structure and sanity of the
+JSON they write, so the full runs cannot silently break.
+"""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+import jaxprune as jp
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def load_script(name: str):
+    sys.path.insert(0, str(EXPERIMENTS))  # importance_quality imports bench's `environment`
+    try:
+        spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+
+
+def check_environment(env: dict) -> None:
+    assert {"date", "backend", "jax_version", "jaxprune_conv_impl"} <= set(env)
+
+
+@pytest.fixture(scope="module")
+def importance_record(tmp_path_factory):
+    out = tmp_path_factory.mktemp("2c") / "2c.json"
+    returned = load_script("importance_quality").main(["--tiny", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["criteria"].keys() == returned["criteria"].keys()
+    return written
+
+
+def test_importance_quality_covers_every_criterion(importance_record):
+    script = load_script("importance_quality")
+    names = {name for name, _ in script.RUNS.values()}
+    assert names == set(jp.importance.CRITERIA) - {"oracle"}
+    assert set(importance_record["criteria"]) == set(script.RUNS)
+    check_environment(importance_record["environment"])
+
+
+def test_importance_quality_values_are_sane(importance_record):
+    groups = importance_record["groups"]
+    assert set(importance_record["oracle"]["scores"]) == set(groups)
+    assert importance_record["oracle"]["cold_s"] > 0
+    for label, r in importance_record["criteria"].items():
+        assert r["cold_s"] > 0 and r["warm_s"] > 0, label
+        for key in ("per_group_signed", "per_group_abs"):
+            assert set(r[key]) == set(groups), (label, key)
+        rhos = [
+            r["pooled_signed"],
+            r["pooled_abs"],
+            r["pooled_normalized_signed"],
+            r["pooled_normalized_abs"],
+            *r["per_group_signed"].values(),
+            *r["per_group_abs"].values(),
+        ]
+        for rho in rhos:
+            assert rho is None or (-1.0 <= rho <= 1.0 and not math.isnan(rho)), (label, rho)
+        assert r["pooled_signed"] is not None, label
+
+
+def test_bench_structure_and_speedups(tmp_path):
+    out = tmp_path / "2d.json"
+    # One family keeps the test short; the bottleneck ResNet has every kind of group (stem too).
+    argv = ["--tiny", "--models", "resnet50", "--oracle-models", "resnet50", "--out", str(out)]
+    load_script("bench").main(argv)
+    record = json.loads(out.read_text())
+    check_environment(record["environment"])
+    model = record["models"]["resnet50"]
+    assert set(model["variants"]) == {"original", "pruned_round1", "pruned_round8"}
+    for label, v in model["variants"].items():
+        for kind in ("train_step", "inference"):
+            assert v[kind]["images_per_s"] > 0 and v[f"{kind}_speedup"] > 0, (label, kind)
+            assert len(v[kind]["seconds"]) == record["repeats"]
+        assert v["macs_speedup"] >= 1.0
+    for label in ("pruned_round1", "pruned_round8"):
+        ratio = model["variants"][label]["macs_ratio"]
+        assert ratio <= record["macs_ratio_target"] + 1e-9, (label, ratio)
+    for width in model["variants"]["pruned_round8"]["widths"].values():
+        assert width % 8 == 0
+    assert model["gfi_pass"]["per_train_step"] > 0
+    assert model["oracle"]["seconds_one_call"] > 0
+    assert model["oracle"]["channels"] == sum(model["variants"]["original"]["widths"].values())

@@ -1,0 +1,154 @@
+"""The small (``--tiny``) versions of experiments 2a and 2b, and the 2e config scripts.
+
+The scripts live outside the package, so they are imported from their files and run in-process
+through ``main(argv)``; the JSON they write is checked for structure and sanity.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+CONFIGS = sorted((EXPERIMENTS / "configs").glob("*.sh"))
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def in_unit_interval(x) -> bool:
+    return isinstance(x, float) and 0.0 <= x <= 1.0
+
+
+def test_compare_methods_tiny(tmp_path):
+    script = load_script("compare_methods")
+    out = tmp_path / "2a.json"
+    returned = script.main(["--tiny", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["summary"] == json.loads(json.dumps(returned["summary"]))
+    assert {"settings", "machine", "date", "wall_s", "baselines", "runs"} <= set(result)
+    ratios = result["settings"]["macs_ratios"]
+    methods = result["settings"]["methods"]
+    assert {"gfi_gradient", "l1_uniform"} <= set(methods)
+    assert len(result["runs"]) == len(methods) * len(ratios)
+    (baseline,) = result["baselines"]
+    assert in_unit_interval(baseline["accuracy"])
+    for name in methods:
+        runs = sorted(
+            (r for r in result["runs"] if r["method"] == name), key=lambda r: r["macs_ratio_target"]
+        )
+        assert [r["macs_ratio_target"] for r in runs] == sorted(ratios)
+        macs = [r["macs"] for r in runs]
+        assert macs == sorted(macs) and macs[-1] < baseline["macs"]  # fewer MACs kept, fewer MACs
+        for r in runs:
+            assert in_unit_interval(r["accuracy"])
+            # The budget is met: at most the target, and not far below it.
+            assert r["macs_ratio_target"] - 0.15 <= r["macs_ratio"] <= r["macs_ratio_target"] + 1e-9
+            assert r["macs"] / baseline["macs"] == pytest.approx(r["macs_ratio"])
+            assert all(w >= 1 for w in r["widths"].values())
+    assert len(result["summary"]) == 1 + len(methods) * len(ratios)
+    assert "gfi_gradient" in script.format_table(result["summary"])
+
+
+@pytest.mark.parametrize("macs_ratio", [0.7, 0.4])
+def test_compare_methods_every_method_meets_the_budget(macs_ratio):
+    """Each method of 2a scores and selects (no training): widths within the MACs budget."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxprune as jp
+
+    script = load_script("compare_methods")
+    arch = jp.models.create("lenet5", 10, (28, 28, 1))
+    variables = arch.module().init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)
+    images = jax.random.normal(jax.random.PRNGKey(1), (8, 28, 28, 1))
+    batches = [(images, jnp.arange(8) % 10)]
+    for name, method in script.METHODS.items():
+        scores = script.score(method, arch, variables, batches)
+        assert {g: s.shape[0] for g, s in scores.items()} == jp.groups(arch), name
+        keep = script.choose(method, arch, scores, macs_ratio)
+        pruned, _ = jp.prune(arch, variables, keep)
+        assert jp.count_macs(pruned) <= macs_ratio * jp.count_macs(arch) * (1 + 1e-9), name
+
+
+def test_fsabp_lenet_tiny(tmp_path):
+    script = load_script("fsabp_lenet")
+    out = tmp_path / "2b.json"
+    script.main(["--tiny", "--out", str(out)])
+    result = json.loads(out.read_text())
+    baseline = result["baseline"]
+    assert in_unit_interval(baseline["accuracy"])
+    assert in_unit_interval(baseline["heldout_accuracy"])
+    (tolerance,) = result["settings"]["tolerances"]
+    methods = [r["method"] for r in result["runs"]]
+    assert methods == ["fsabp_backward", "fsabp_forward", "l1_uniform", "l1_adaptive"]
+    by_method = {r["method"]: r for r in result["runs"]}
+    for r in result["runs"]:
+        assert r["tolerance"] == tolerance
+        for key in ("heldout_accuracy", "test_accuracy_pruned", "test_accuracy_finetuned"):
+            assert in_unit_interval(r[key])
+        assert 0.0 <= r["params_removed"] < 1.0
+        assert r["params"] == pytest.approx(baseline["params"] * (1 - r["params_removed"]))
+    for name in ("fsabp_backward", "fsabp_forward"):
+        r = by_method[name]
+        # The procedure's own guarantee: held-out accuracy within the tolerance of the start.
+        assert r["heldout_accuracy"] >= baseline["heldout_accuracy"] - tolerance - 1e-9
+        assert [s["group"] for s in r["log"]] == (
+            result["settings"]["groups"][::-1]
+            if name == "fsabp_backward"
+            else result["settings"]["groups"]
+        )
+    # L1 gets at most backward FSABP's parameter count.
+    for name in ("l1_uniform", "l1_adaptive"):
+        assert by_method[name]["params"] <= by_method["fsabp_backward"]["params"]
+    assert "fsabp_backward" in script.format_table(result)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_config_script_parses(config):
+    subprocess.run(["bash", "-n", str(config)], check=True)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_config_script_flags_exist(config, tmp_path):
+    """Runs the script with ``jaxprune`` replaced by a stub that records its command lines, then
+    parses every recorded command line with the real CLI parser (unknown flags fail)."""
+    from jaxprune.cli import build_parser
+
+    calls = tmp_path / "calls"
+    stub = tmp_path / "jaxprune"
+    stub.write_text(
+        f"#!/usr/bin/env bash\nprintf '%s\\037' \"$@\" >> {calls}\nprintf '\\036' >> {calls}\n"
+    )
+    stub.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+        "DATA_DIR": str(tmp_path / "data"),
+        "RUNS": str(tmp_path / "runs"),
+        "COORDINATOR": "localhost:1234",
+        "NUM_PROCESSES": "2",
+        "PROCESS_ID": "0",
+    }
+    done = subprocess.run(["bash", str(config)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    commands = [c.split("\x1f")[:-1] for c in calls.read_text().split("\x1e")[:-1]]
+    assert [c[0] for c in commands][:3] == ["train", "prune", "finetune"]
+    parser = build_parser()
+    for argv in commands:
+        parser.parse_args(argv)  # exits (SystemExit) on an unknown or malformed flag
+
+
+def test_there_are_config_scripts():
+    names = {p.name for p in CONFIGS}
+    assert {"cifar10_vgg16.sh", "cifar10_resnet56.sh", "imagenet_resnet50.sh"} <= names
