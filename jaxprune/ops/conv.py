@@ -1,10 +1,60 @@
-"""2-D convolution in NHWC/HWIO layout."""
+"""2-D convolution in NHWC/HWIO layout, with a matrix-product path for the CPU backend.
+
+`conv2d` is the only convolution the models call. On GPU and TPU it is `lax.conv_general_dilated`
+unchanged. On CPU, XLA's convolution is slow in places its matrix product is not: the kernel
+gradient (XLA transposes both activations to a batch-minor layout first, then runs a convolution
+with a 32x32 window), every direction at 2x2 to 4x4 pixels (VGG's last stages), the input gradient
+of strided and 1x1 convolutions. There `conv2d` writes that direction as one `jnp.dot` over
+shifted copies of the input, and keeps XLA's convolution where it is not slower (most forward
+passes, the input gradient of stride-1 3x3 convolutions). The choice is per direction and per
+shape; see `_cpu_plan`.
+
+The three directions are tied together with `jax.custom_jvp`: the tangent rule is the product rule
+``dy = conv(dx, w) + conv(x, dw)``, each term written with the implementation that is fastest for
+the direction its transpose computes (the first term transposes to the input gradient, the second
+to the kernel gradient). So `jax.grad` gets the chosen backward pass, and forward mode, `jax.vmap`
+and forward-over-reverse (`jax.jvp` of `jax.grad`) work as for any JAX function.
+
+Which implementation runs: ``conv2d(..., impl=...)``, else the innermost ``with conv_impl(...)``,
+else the environment variable ``JAXPRUNE_CONV_IMPL``, else ``"auto"``. ``"auto"`` is ``"xla"``
+except on the CPU backend (`jax.default_backend()` at trace time).
+"""
+
+import contextlib
+import dataclasses
+import functools
+import os
+import threading
+from collections.abc import Iterator
+from typing import Literal, get_args
 
 import jax
+import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+ConvImpl = Literal["auto", "xla", "matmul"]
+"""``"xla"``: `lax.conv_general_dilated` in every direction. ``"matmul"``: matrix products in every
+direction (for tests and benchmarks). ``"auto"``: the per-shape CPU plan on CPU, else ``"xla"``."""
+
+ENV_VAR = "JAXPRUNE_CONV_IMPL"
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+# Thresholds of `_cpu_plan` in output pixels (H_out * W_out), measured on the convolutions of CIFAR
+# ResNet-56 and VGG-16 at batch 128 (experiments/bench_cpu.py): up to 4x4 the forward pass and input
+# gradient are dots over im2col patches; from 16x16 the kernel gradient uses the rowshift form.
+_IM2COL_MAX_PIXELS = 16
+_ROWSHIFT_MIN_PIXELS = 256
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0) -> jax.Array:
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    stride: int = 1,
+    padding: int = 0,
+    *,
+    impl: ConvImpl | None = None,
+) -> jax.Array:
     """Cross-correlation of ``x`` with ``kernel`` (the convention of every CNN framework).
 
     Args:
@@ -12,14 +62,203 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0) -
       kernel: f[kh, kw, C_in, C_out] filters.
       stride: the same stride along H and W.
       padding: zeros added on each side of H and W (PyTorch's ``padding=p``).
+      impl: which implementation; None: `conv_impl` / ``$JAXPRUNE_CONV_IMPL`` / ``"auto"``.
 
     Returns:
-      f[N, (H + 2p - kh) // stride + 1, (W + 2p - kw) // stride + 1, C_out].
+      f[N, (H + 2p - kh) // stride + 1, (W + 2p - kw) // stride + 1, C_out], dtype of ``x``.
     """
+    if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
+        raise ValueError(
+            f"expected x [N,H,W,C] and kernel [kh,kw,C,O]; got {x.shape}, {kernel.shape}"
+        )
+    stride, padding = int(stride), int(padding)
+    chosen = _resolve_impl(impl)
+    if chosen == "xla":
+        return _xla_conv(x, kernel, stride, padding)
+    if chosen == "matmul":
+        plan = _matmul_plan(kernel.shape, stride)
+    else:
+        plan = _cpu_plan(x.shape, kernel.shape, stride, padding)
+    return _conv(x, kernel, stride, padding, plan)
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing the implementation.
+
+_local = threading.local()
+
+
+def _resolve_impl(impl: ConvImpl | None = None) -> Literal["xla", "matmul", "cpu_plan"]:
+    """What ``conv2d(..., impl=impl)`` traced now would run: ``"auto"`` resolved for the backend."""
+    chosen = impl or getattr(_local, "impl", None) or os.environ.get(ENV_VAR, "") or "auto"
+    if chosen not in get_args(ConvImpl):
+        raise ValueError(f"conv impl must be one of {get_args(ConvImpl)}, got {chosen!r}")
+    if chosen == "auto":
+        return "cpu_plan" if jax.default_backend() == "cpu" else "xla"
+    return chosen
+
+
+@contextlib.contextmanager
+def conv_impl(impl: ConvImpl) -> Iterator[None]:
+    """Within the block, `conv2d` calls traced without ``impl=`` use ``impl`` (this thread).
+
+    The choice is made at trace time, and JAX caches traces per Python function: a function
+    already traced (even under a new ``jax.jit`` wrapper) keeps the implementation it was traced
+    with. To compare implementations in one process, trace a fresh function under each, e.g.
+    ``jax.jit(lambda *a: step(*a))``.
+    """
+    if impl not in get_args(ConvImpl):
+        raise ValueError(f"conv impl must be one of {get_args(ConvImpl)}, got {impl!r}")
+    previous = getattr(_local, "impl", None)
+    _local.impl = impl
+    try:
+        yield
+    finally:
+        _local.impl = previous
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """How each direction is computed. ``im2col``: one dot over all kh*kw shifted copies;
+    ``rowshift``: one dot over kw column shifts, the kh row shifts moved to the other operand."""
+
+    forward: Literal["xla", "im2col"]
+    input_grad: Literal["xla", "im2col"]
+    kernel_grad: Literal["im2col", "rowshift"]
+
+
+def _matmul_plan(kernel_shape, stride: int) -> _Plan:
+    """No XLA convolution in any direction (``rowshift`` needs stride 1)."""
+    rowshift = stride == 1 and kernel_shape[0] * kernel_shape[1] > 1
+    return _Plan("im2col", "im2col", "rowshift" if rowshift else "im2col")
+
+
+def _cpu_plan(x_shape, kernel_shape, stride: int, padding: int) -> _Plan:
+    """Fastest combination per direction on XLA:CPU, from CIFAR ResNet-56 / VGG-16 measurements.
+
+    XLA's convolution keeps the forward pass (except at <= 4x4 output pixels, where it is up to
+    100x slower than a dot) and the input gradient of stride-1 convolutions with a real window.
+    The kernel gradient is never XLA's (2x to 10x slower: it transposes both operands first).
+    """
+    kh, kw, c_in, _ = kernel_shape
+    pixels = _out_size(x_shape[1], kh, stride, padding) * _out_size(x_shape[2], kw, stride, padding)
+    small = pixels <= _IM2COL_MAX_PIXELS
+    windowed = stride == 1 and kh * kw > 1
+    rowshift = windowed and pixels >= _ROWSHIFT_MIN_PIXELS and c_in >= 8
+    return _Plan(
+        forward="im2col" if small else "xla",
+        input_grad="xla" if windowed and not small else "im2col",
+        kernel_grad="rowshift" if rowshift else "im2col",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The convolution with a per-direction custom JVP.
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _conv(x, kernel, stride, padding, plan):
+    return _forward(x, kernel, stride, padding, plan.forward)
+
+
+def _conv_jvp(stride, padding, plan, primals, tangents):
+    x, kernel = primals
+    dx, dkernel = tangents
+    y = _conv(x, kernel, stride, padding, plan)
+    # The transpose of the first term is the input gradient, of the second the kernel gradient.
+    # Symbolic zeros (e.g. the images, never differentiated) skip their term.
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        terms.append(_forward(dx, kernel, stride, padding, plan.input_grad))
+    if not isinstance(dkernel, SymbolicZero):
+        terms.append(_kernel_linear(x, dkernel, stride, padding, plan.kernel_grad))
+    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+
+
+_conv.defjvp(_conv_jvp, symbolic_zeros=True)
+
+
+def _forward(x, kernel, stride, padding, how):
+    if how == "xla":
+        return _xla_conv(x, kernel, stride, padding)
+    return _im2col_conv(x, kernel, stride, padding)
+
+
+# Saving the shifted copies of x for the backward pass would triple to ninefold the activation
+# memory; recomputing them there costs one more pass over x.
+@functools.partial(jax.checkpoint, static_argnums=(2, 3, 4))
+def _kernel_linear(x, kernel, stride, padding, how):
+    if how == "rowshift":
+        return _rowshift_conv(x, kernel, padding)
+    return _im2col_conv(x, kernel, stride, padding)
+
+
+def _xla_conv(x, kernel, stride, padding):
     return lax.conv_general_dilated(
         x,
         kernel,
         window_strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        dimension_numbers=_DIMENSION_NUMBERS,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Matrix-product forms. Their autodiff transposes are the backward passes wanted: the transpose of
+# `_im2col_conv` in the kernel is patches^T @ dy and in x is col2im(dy @ W^T), and the transpose of
+# `_rowshift_conv` in the kernel is one dot of the column shifts with the row-shifted dy.
+
+
+def _out_size(size: int, k: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - k) // stride + 1
+
+
+def _pad_hw(x, padding):
+    return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0))) if padding else x
+
+
+def _dot_channels(a, b):
+    """a[..., K] @ b[K, O] accumulated in float32 at least, result in a's dtype."""
+    acc = jnp.promote_types(a.dtype, jnp.float32)
+    out = lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc)
+    return out.astype(a.dtype)
+
+
+def _im2col_conv(x, kernel, stride, padding):
+    """[N,Ho,Wo,kh*kw*C] patches (one strided slice per tap) @ [kh*kw*C, O]."""
+    kh, kw, c_in, c_out = kernel.shape
+    n, h, w, _ = x.shape
+    h_out, w_out = _out_size(h, kh, stride, padding), _out_size(w, kw, stride, padding)
+    xp = _pad_hw(x, padding)
+    taps = [
+        lax.slice(
+            xp,
+            (0, i, j, 0),
+            (n, i + stride * (h_out - 1) + 1, j + stride * (w_out - 1) + 1, c_in),
+            (1, stride, stride, 1),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    return _dot_channels(patches, kernel.reshape(kh * kw * c_in, c_out).astype(x.dtype))
+
+
+def _rowshift_conv(x, kernel, padding):
+    """Stride-1 convolution as one dot: [N,Hp,Wo,kw*C] column shifts @ [kw*C, kh*O], then the sum
+    of the kh output blocks shifted by their row. Linear in ``kernel``; its transpose there is
+    ``colshifts^T @ [dy shifted down by 0..kh-1 rows]``, a single dot with a 3x (not 9x) copy of x.
+    """
+    kh, kw, c_in, c_out = kernel.shape
+    n, h, w, _ = x.shape
+    h_out, w_out = _out_size(h, kh, 1, padding), _out_size(w, kw, 1, padding)
+    xp = _pad_hw(x, padding)
+    cols = [lax.slice(xp, (0, 0, j, 0), (n, h + 2 * padding, j + w_out, c_in)) for j in range(kw)]
+    cols = cols[0] if kw == 1 else jnp.concatenate(cols, axis=-1)
+    # [kh, kw, C, O] -> [(kw, C), (kh, O)]
+    k_rows = kernel.transpose(1, 2, 0, 3).reshape(kw * c_in, kh * c_out).astype(x.dtype)
+    z = _dot_channels(cols, k_rows)
+    y = z[:, 0:h_out, :, 0:c_out]
+    for i in range(1, kh):
+        y = y + z[:, i : i + h_out, :, i * c_out : (i + 1) * c_out]
+    return y
