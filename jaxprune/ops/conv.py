@@ -16,8 +16,8 @@ to the kernel gradient). So `jax.grad` gets the chosen backward pass, and forwar
 and forward-over-reverse (`jax.jvp` of `jax.grad`) work as for any JAX function.
 
 Which implementation runs: ``conv2d(..., impl=...)``, else the innermost ``with conv_impl(...)``,
-else the environment variable ``JAXPRUNE_CONV_IMPL``, else ``"auto"``. ``"auto"`` is ``"xla"``
-except on the CPU backend (`jax.default_backend()` at trace time).
+else the environment variable ``JAXPRUNE_CONV_IMPL``, else ``DEFAULT_IMPL`` (``"xla"`` for now).
+``"auto"`` is ``"xla"`` except on the CPU backend (`jax.default_backend()` at trace time).
 """
 
 import contextlib
@@ -38,6 +38,9 @@ ConvImpl = Literal["auto", "xla", "matmul"]
 direction (for tests and benchmarks). ``"auto"``: the per-shape CPU plan on CPU, else ``"xla"``."""
 
 ENV_VAR = "JAXPRUNE_CONV_IMPL"
+# "xla" until the CPU plan has been measured across the whole test suite and the benchmarks on an
+# idle machine; opt in with JAXPRUNE_CONV_IMPL=auto.
+DEFAULT_IMPL: ConvImpl = "xla"
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # Thresholds of `_cpu_plan` in output pixels (H_out * W_out), measured on the convolutions of CIFAR
@@ -90,7 +93,7 @@ _local = threading.local()
 
 def _resolve_impl(impl: ConvImpl | None = None) -> Literal["xla", "matmul", "cpu_plan"]:
     """What ``conv2d(..., impl=impl)`` traced now would run: ``"auto"`` resolved for the backend."""
-    chosen = impl or getattr(_local, "impl", None) or os.environ.get(ENV_VAR, "") or "auto"
+    chosen = impl or getattr(_local, "impl", None) or os.environ.get(ENV_VAR, "") or DEFAULT_IMPL
     if chosen not in get_args(ConvImpl):
         raise ValueError(f"conv impl must be one of {get_args(ConvImpl)}, got {chosen!r}")
     if chosen == "auto":
