@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
-import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +32,9 @@ import jax.numpy as jnp
 
 from jaxprune import data, importance, pipeline, select
 from jaxprune.flops import count_macs, count_params
-from jaxprune.train.optim import OptimizerConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (what the experiment scripts share)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,27 +114,12 @@ def choose(method: Method, arch, scores: dict, macs_ratio: float) -> dict:
 def run(args: argparse.Namespace, partial=None) -> dict:
     """Runs the grid; ``partial(record)`` (if given) receives the record after every run."""
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="compare_"))
-    synthetic = (
-        data.SyntheticOptions(image_shape=(28, 28, 1), num_train=64, num_test=32)
-        if args.data == "synthetic"
-        else None
-    )
-    dataset = data.load_dataset(args.data, data_dir=args.data_dir, synthetic=synthetic)
+    dataset = _common.load_dataset(args)
     rows, baselines = [], []
     started = time.perf_counter()
     for model in args.models:
         for seed in args.seeds:
-            config = pipeline.TrainConfig(
-                model=model,
-                data=args.data,
-                num_steps=args.train_steps,
-                batch_size=args.batch_size,
-                seed=seed,
-                optimizer=OptimizerConfig(learning_rate=args.lr),
-                synthetic=synthetic,
-                data_dir=args.data_dir,
-                log_every=max(1, min(50, args.train_steps)),
-            )
+            config = _common.baseline_config(args, model, seed, log_every=50)
             base = root / model / f"seed{seed}" / "baseline"
             t0 = time.perf_counter()
             trained = pipeline.train(config, base, progress=False)
@@ -171,19 +156,9 @@ def run(args: argparse.Namespace, partial=None) -> dict:
                     method = METHODS[name]
                     keep = choose(method, arch, scores[name], ratio)
                     out = root / model / f"seed{seed}" / f"{name}_{ratio}"
-                    if out.exists():
-                        shutil.rmtree(out)
-                    record = pipeline.prune_to(
-                        base, out, keep, evaluate_before_after=False, verbose=False
-                    )
+                    record = _common.prune_to(base, out, keep)
                     t0 = time.perf_counter()
-                    tuned = pipeline.finetune(
-                        out,
-                        num_steps=args.finetune_steps,
-                        optimizer_changes={"learning_rate": args.finetune_lr},
-                        progress=False,
-                        verbose=False,
-                    )
+                    tuned = _common.finetune(args, out)
                     row = {
                         "model": model,
                         "seed": seed,
@@ -213,22 +188,15 @@ def run(args: argparse.Namespace, partial=None) -> dict:
 
 
 def record_of(args, started: float, baselines: list, rows: list, complete: bool) -> dict:
-    return {
-        "experiment": "2a: GFI-AP vs uniform L1 vs Taylor-FO-BN at equal MACs",
-        "complete": complete,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.machine(),
-            "devices": [d.device_kind for d in jax.devices()],
-            "jax": jax.__version__,
-        },
-        "date": datetime.date.today().isoformat(),
-        "wall_s": time.perf_counter() - started,
-        "baselines": baselines,
-        "runs": rows,
-        "summary": summarize(rows, baselines),
-    }
+    return _common.record(
+        "2a: GFI-AP vs uniform L1 vs Taylor-FO-BN at equal MACs",
+        _common.settings_of(args),
+        started,
+        complete,
+        baselines=baselines,
+        runs=rows,
+        summary=summarize(rows, baselines),
+    )
 
 
 def summarize(rows: list[dict], baselines: list[dict]) -> list[dict]:
@@ -270,15 +238,33 @@ def _stats(model, method, target, accuracies, macs_ratios) -> dict:
     }
 
 
+_TEXT_ROW = "{model:<10}{method:<16}{macs_ratio:>10}{accuracy:>10}{std:>8}{seeds:>6}"
+_MARKDOWN_ROW = "| {model} | {method} | {target} | {macs_ratio} | {accuracy} | {std} | {seeds} |"
+
+
+def _cells(s: dict) -> dict[str, str]:
+    """One row of the summary as the text both tables show (``_TEXT_ROW``, ``_MARKDOWN_ROW``)."""
+    return {
+        "model": s["model"],
+        "method": s["method"],
+        "target": f"{s['macs_ratio_target']:.2f}",
+        "macs_ratio": f"{s['macs_ratio']:.3f}",
+        "accuracy": f"{s['accuracy_mean']:.4f}",
+        "std": "-" if s["accuracy_std"] is None else f"{s['accuracy_std']:.4f}",
+        "seeds": str(s["num_seeds"]),
+    }
+
+
 def format_table(summary: list[dict]) -> str:
-    lines = [f"{'model':<10}{'method':<16}{'MACs kept':>10}{'accuracy':>10}{'std':>8}{'seeds':>6}"]
-    for s in summary:
-        std = "-" if s["accuracy_std"] is None else f"{s['accuracy_std']:.4f}"
-        lines.append(
-            f"{s['model']:<10}{s['method']:<16}{s['macs_ratio']:>10.3f}"
-            f"{s['accuracy_mean']:>10.4f}{std:>8}{s['num_seeds']:>6}"
-        )
-    return "\n".join(lines)
+    header = _TEXT_ROW.format(
+        model="model",
+        method="method",
+        macs_ratio="MACs kept",
+        accuracy="accuracy",
+        std="std",
+        seeds="seeds",
+    )
+    return "\n".join([header, *(_TEXT_ROW.format(**_cells(s)) for s in summary)])
 
 
 def markdown_table(result: dict) -> str:
@@ -288,31 +274,13 @@ def markdown_table(result: dict) -> str:
         "| model | method | MACs kept (target) | MACs kept | accuracy | std | seeds |",
         "|---|---|---|---|---|---|---|",
     ]
-    for s in rows:
-        std = "-" if s["accuracy_std"] is None else f"{s['accuracy_std']:.4f}"
-        lines.append(
-            f"| {s['model']} | {s['method']} | {s['macs_ratio_target']:.2f} | "
-            f"{s['macs_ratio']:.3f} | {s['accuracy_mean']:.4f} | {std} | {s['num_seeds']} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(lines + [_MARKDOWN_ROW.format(**_cells(s)) for s in rows])
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.report:
-        result = json.loads(Path(args.report).read_text())
-        print(markdown_table(result))
-        return result
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-
-    def write(record: dict) -> None:
-        Path(args.out).write_text(json.dumps(record, indent=1))
-
-    result = run(args, partial=write)
-    write(result)
-    print(format_table(result["summary"]))
-    print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
-    return result
+    return _common.main(
+        parse_args(argv), run, lambda result: format_table(result["summary"]), markdown_table
+    )
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ References:
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
-import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +34,9 @@ import numpy as np
 from jaxprune import data, importance, pipeline, select
 from jaxprune.flops import count_macs, count_params
 from jaxprune.graph import Architecture, groups
-from jaxprune.train.optim import OptimizerConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (what the experiment scripts share)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,24 +103,9 @@ def split_arrays(dataset, split: data.Split, limit: int | None) -> tuple[np.ndar
 def run(args: argparse.Namespace, partial=None) -> dict:
     """Runs every tolerance; ``partial(record)`` (if given) receives the record after each row."""
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fsabp_"))
-    synthetic = (
-        data.SyntheticOptions(image_shape=(28, 28, 1), num_train=64, num_test=32)
-        if args.data == "synthetic"
-        else None
-    )
-    dataset = data.load_dataset(args.data, data_dir=args.data_dir, synthetic=synthetic)
+    dataset = _common.load_dataset(args)
     started = time.perf_counter()
-    config = pipeline.TrainConfig(
-        model="lenet5",
-        data=args.data,
-        num_steps=args.train_steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        optimizer=OptimizerConfig(learning_rate=args.lr),
-        synthetic=synthetic,
-        data_dir=args.data_dir,
-        log_every=max(1, min(100, args.train_steps)),
-    )
+    config = _common.baseline_config(args, "lenet5", args.seed, log_every=100)
     base = root / "baseline"
     t0 = time.perf_counter()
     trained = pipeline.train(config, base, progress=False)
@@ -160,9 +145,7 @@ def run(args: argparse.Namespace, partial=None) -> dict:
         nonlocal n
         n += 1
         out = root / f"{n:02d}_{name}"
-        if out.exists():
-            shutil.rmtree(out)
-        pipeline.prune_to(base, out, keep, evaluate_before_after=False, verbose=False)
+        _common.prune_to(base, out, keep)
         pruned_arch, pruned_variables = pipeline.load(out)
         row = {
             "method": name,
@@ -176,13 +159,7 @@ def run(args: argparse.Namespace, partial=None) -> dict:
             "test_accuracy_pruned": accuracy(pruned_arch, pruned_variables, *test),
             **extra,
         }
-        tuned = pipeline.finetune(
-            out,
-            num_steps=args.finetune_steps,
-            optimizer_changes={"learning_rate": args.finetune_lr},
-            progress=False,
-            verbose=False,
-        )
+        tuned = _common.finetune(args, out)
         row["test_accuracy_finetuned"] = tuned["accuracy"]
         rows.append(row)
         if partial is not None:
@@ -242,21 +219,14 @@ def run(args: argparse.Namespace, partial=None) -> dict:
 
 
 def record_of(args, started, prune_groups, baseline, rows, complete: bool) -> dict:
-    return {
-        "experiment": "2b: FSABP backward vs forward vs L1 at equal params, LeNet-5",
-        "complete": complete,
-        "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "groups": prune_groups},
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.machine(),
-            "devices": [d.device_kind for d in jax.devices()],
-            "jax": jax.__version__,
-        },
-        "date": datetime.date.today().isoformat(),
-        "wall_s": time.perf_counter() - started,
-        "baseline": baseline,
-        "runs": rows,
-    }
+    return _common.record(
+        "2b: FSABP backward vs forward vs L1 at equal params, LeNet-5",
+        {**_common.settings_of(args), "groups": prune_groups},
+        started,
+        complete,
+        baseline=baseline,
+        runs=rows,
+    )
 
 
 def format_table(result: dict) -> str:
@@ -296,21 +266,7 @@ def markdown_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.report:
-        result = json.loads(Path(args.report).read_text())
-        print(markdown_table(result))
-        return result
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-
-    def write(record: dict) -> None:
-        Path(args.out).write_text(json.dumps(record, indent=1))
-
-    result = run(args, partial=write)
-    write(result)
-    print(format_table(result))
-    print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
-    return result
+    return _common.main(parse_args(argv), run, format_table, markdown_table)
 
 
 if __name__ == "__main__":

@@ -201,8 +201,11 @@ def test_auto_is_plain_lax_conv_off_cpu(monkeypatch):
     assert n_dot > 0 and n_conv > 0  # XLA's forward/input gradient, a matmul kernel gradient
 
 
-def test_default_is_xla_unless_opted_in(monkeypatch):
+def test_default_is_auto_and_the_environment_turns_it_off(monkeypatch):
     monkeypatch.delenv(conv_mod.ENV_VAR, raising=False)
-    x, kernel = jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 4))
-    text = str(jax.make_jaxpr(lambda x, k: conv_mod.conv2d(x, k, 1, 1))(x, kernel))
-    assert "conv_general_dilated" in text and "dot_general" not in text
+    assert conv_mod.DEFAULT_IMPL == "auto"
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert _conv_primitives(None) == _conv_primitives("auto")
+    assert _conv_primitives(None)[1] > 0  # the CPU plan's matmul kernel gradient
+    monkeypatch.setenv(conv_mod.ENV_VAR, "xla")
+    assert _conv_primitives(None)[1] == 0

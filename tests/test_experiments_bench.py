@@ -92,3 +92,40 @@ def test_bench_structure_and_speedups(tmp_path):
     assert model["gfi_pass"]["per_train_step"] > 0
     assert model["oracle"]["seconds_one_call"] > 0
     assert model["oracle"]["channels"] == sum(model["variants"]["original"]["widths"].values())
+
+
+def test_bench_cpu_tiny(tmp_path):
+    """experiments/bench_cpu.py's tiny mode: every JAX conv impl against PyTorch (when installed)
+    per direction, and the model section with its 50%-MACs cuts (round_to 1 and 8)."""
+    out = tmp_path / "bench_cpu.json"
+    script = load_script("bench_cpu")
+    returned = script.main(["--mode", "tiny", "--skip", "malloc", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["models"] == json.loads(json.dumps(returned["models"]))
+    with_torch = ["torch"] if script.torch is not None else []
+    assert set(record["matmul"]) == {"size", "jax", *with_torch}
+    backends = {*script.JAX_IMPLS, *with_torch}
+    for row in record["conv_ops"]["resnet56"]:
+        assert set(row["gflops"]) == {"forward", "input_grad", "kernel_grad"}
+        for direction, by_impl in row["gflops"].items():
+            assert set(by_impl) == backends, direction
+            assert all(v > 0 for v in by_impl.values()), (direction, by_impl)
+    impls = {"xla", "auto", *with_torch}
+    for entry in record["models"].values():
+        for prefix in ("", "pruned_r1_", "pruned_r8_"):
+            assert entry[prefix + "macs"] > 0
+            for mode in ("train", "infer"):
+                for impl in impls:
+                    row = entry[f"{prefix}{mode}/{impl}"]
+                    assert row["images_per_s"] > 0 and row["minflt_per_call"] >= 0
+                    if prefix:
+                        macs_speedup = entry["macs"] / entry[prefix + "macs"]
+                        assert row["speedup_over_macs_ratio"] * macs_speedup == pytest.approx(
+                            row["speedup"]
+                        )
+        assert entry["pruned_r1_macs"] <= 0.5 * entry["macs"]
+        assert entry["pruned_r8_macs"] <= 0.5 * entry["macs"]
+    report = script.markdown_report(record)
+    for name in record["models"]:
+        assert f"**{name}**" in report
+    assert report.count("| pruned_r8 | auto |") == len(record["models"])

@@ -16,6 +16,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 CONFIGS = sorted((EXPERIMENTS / "configs").glob("*.sh"))
+# Every config script with the arguments of each setting it runs: cifar10.sh takes the model.
+CONFIG_RUNS = [
+    *(("cifar10.sh", model) for model in ("resnet32", "resnet56", "vgg16")),
+    ("imagenet_resnet50.sh",),
+]
 
 
 def load_script(name: str):
@@ -119,12 +124,8 @@ def test_config_script_parses(config):
     subprocess.run(["bash", "-n", str(config)], check=True)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_script_flags_exist(config, tmp_path):
-    """Runs the script with ``jaxprune`` replaced by a stub that records its command lines, then
-    parses every recorded command line with the real CLI parser (unknown flags fail)."""
-    from jaxprune.cli import build_parser
-
+def record_commands(run: tuple[str, ...], tmp_path: Path, **env: str) -> list[list[str]]:
+    """Runs a config script with ``jaxprune`` replaced by a stub; the command lines it got."""
     calls = tmp_path / "calls"
     stub = tmp_path / "jaxprune"
     stub.write_text(
@@ -139,16 +140,60 @@ def test_config_script_flags_exist(config, tmp_path):
         "COORDINATOR": "localhost:1234",
         "NUM_PROCESSES": "2",
         "PROCESS_ID": "0",
+        **env,
     }
-    done = subprocess.run(["bash", str(config)], env=env, capture_output=True, text=True)
+    script, *args = run
+    done = subprocess.run(
+        ["bash", str(EXPERIMENTS / "configs" / script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
-    commands = [c.split("\x1f")[:-1] for c in calls.read_text().split("\x1e")[:-1]]
+    return [c.split("\x1f")[:-1] for c in calls.read_text().split("\x1e")[:-1]]
+
+
+@pytest.mark.parametrize("run", CONFIG_RUNS, ids=" ".join)
+def test_config_script_flags_exist(run, tmp_path):
+    """Runs the script with ``jaxprune`` replaced by a stub that records its command lines, then
+    parses every recorded command line with the real CLI parser (unknown flags fail)."""
+    from jaxprune.cli import build_parser
+
+    commands = record_commands(run, tmp_path)
     assert [c[0] for c in commands][:3] == ["train", "prune", "finetune"]
     parser = build_parser()
     for argv in commands:
         parser.parse_args(argv)  # exits (SystemExit) on an unknown or malformed flag
 
 
-def test_there_are_config_scripts():
-    names = {p.name for p in CONFIGS}
-    assert {"cifar10_vgg16.sh", "cifar10_resnet56.sh", "imagenet_resnet50.sh"} <= names
+@pytest.mark.parametrize(
+    ("model", "env", "weight_decay"),
+    [
+        ("resnet32", {}, "1e-4"),
+        ("resnet56", {}, "1e-4"),
+        ("vgg16", {}, "5e-4"),
+        ("vgg16", {"WEIGHT_DECAY": "2e-4"}, "2e-4"),
+    ],
+)
+def test_cifar10_config_trains_the_model_asked_for(model, env, weight_decay, tmp_path):
+    """The model comes from the argument or MODEL=; its weight decay defaults per family."""
+    for i, (args, model_env) in enumerate([((model,), {}), ((), {"MODEL": model})]):
+        stub_dir = tmp_path / str(i)  # a stub (and its record of calls) per run
+        stub_dir.mkdir()
+        train = record_commands(("cifar10.sh", *args), stub_dir, **env, **model_env)[0]
+        assert train[train.index("--model") + 1] == model
+        assert train[train.index("--weight-decay") + 1] == weight_decay
+
+
+def test_cifar10_config_refuses_an_unknown_model(tmp_path):
+    done = subprocess.run(
+        ["bash", str(EXPERIMENTS / "configs" / "cifar10.sh"), "resnet20"],
+        env={**os.environ, "DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and "unknown model resnet20" in done.stderr
+
+
+def test_every_config_script_is_run():
+    assert {p.name for p in CONFIGS} == {run[0] for run in CONFIG_RUNS}

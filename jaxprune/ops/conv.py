@@ -16,7 +16,7 @@ to the kernel gradient). So `jax.grad` gets the chosen backward pass, and forwar
 and forward-over-reverse (`jax.jvp` of `jax.grad`) work as for any JAX function.
 
 Which implementation runs: ``conv2d(..., impl=...)``, else the innermost ``with conv_impl(...)``,
-else the environment variable ``JAXPRUNE_CONV_IMPL``, else ``DEFAULT_IMPL`` (``"xla"`` for now).
+else the environment variable ``JAXPRUNE_CONV_IMPL``, else ``DEFAULT_IMPL`` (``"auto"``).
 ``"auto"`` is ``"xla"`` except on the CPU backend (`jax.default_backend()` at trace time).
 """
 
@@ -38,9 +38,10 @@ ConvImpl = Literal["auto", "xla", "matmul"]
 direction (for tests and benchmarks). ``"auto"``: the per-shape CPU plan on CPU, else ``"xla"``."""
 
 ENV_VAR = "JAXPRUNE_CONV_IMPL"
-# "xla" until the CPU plan has been measured across the whole test suite and the benchmarks on an
-# idle machine; opt in with JAXPRUNE_CONV_IMPL=auto.
-DEFAULT_IMPL: ConvImpl = "xla"
+# "auto": on an idle 2-core x86-64 CPU (experiments/bench_cpu.py, RESULTS.md section 3) it trains
+# CIFAR ResNet-56 1.4x and VGG-16 5x faster than XLA's convolution; elsewhere it is XLA's. Set
+# JAXPRUNE_CONV_IMPL=xla to get XLA's convolution on CPU too.
+DEFAULT_IMPL: ConvImpl = "auto"
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # Thresholds of `_cpu_plan` in output pixels (H_out * W_out), measured on the convolutions of CIFAR
@@ -65,7 +66,8 @@ def conv2d(
       kernel: f[kh, kw, C_in, C_out] filters.
       stride: the same stride along H and W.
       padding: zeros added on each side of H and W (PyTorch's ``padding=p``).
-      impl: which implementation; None: `conv_impl` / ``$JAXPRUNE_CONV_IMPL`` / ``"auto"``.
+      impl: which implementation; None: `conv_impl`, else ``$JAXPRUNE_CONV_IMPL``, else
+        ``DEFAULT_IMPL``.
 
     Returns:
       f[N, (H + 2p - kh) // stride + 1, (W + 2p - kw) // stride + 1, C_out], dtype of ``x``.

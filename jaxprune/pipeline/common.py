@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Iterator, Sequence
@@ -142,6 +143,24 @@ def read_meta(workdir: str | os.PathLike, step: int) -> dict:
         ) from None
 
 
+def open_checkpoint(
+    workdir: str | os.PathLike, restore_step: int | None, data_dir: str | None = None
+) -> tuple[int, dict, TrainConfig]:
+    """(step, meta, config) of a workdir's checkpoint (latest unless ``restore_step``).
+
+    Refuses a workdir with no checkpoint. ``data_dir``, when given, replaces the saved one (the
+    data moved).
+    """
+    step = pick_step(workdir, restore_step)
+    if step is None:
+        raise UserError(f"no checkpoint in {workdir}")
+    meta = read_meta(workdir, step)
+    config = TrainConfig.from_dict(meta["config"])
+    if data_dir is not None:
+        config = dataclasses.replace(config, data_dir=data_dir)
+    return step, meta, config
+
+
 def restore(
     workdir: str | os.PathLike,
     step: int,
@@ -166,21 +185,52 @@ def restore(
     return arch, state
 
 
-def run(
-    *,
-    phase: Phase,
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """A network on the data mesh, with the settings and the data of its run."""
+
+    config: TrainConfig
+    dataset: data.Dataset
+    mesh: jax.sharding.Mesh
+    arch: Architecture
+    state: TrainState
+
+
+def load_run(
+    workdir: str | os.PathLike,
+    step: int,
+    meta: dict,
     config: TrainConfig,
+    devices: Sequence[jax.Device] | None,
+    optimizer: OptimizerConfig | None = None,
+) -> Loaded:
+    """``config``'s data, and the checkpoint whose ``meta`` was read restored onto ``devices``.
+
+    Args:
+      optimizer: as for `restore`.
+    """
+    dataset = load_dataset(config)
+    mesh = data_mesh(devices, config.batch_size)
+    arch, state = restore(workdir, step, meta, mesh, optimizer)
+    return Loaded(config, dataset, mesh, arch, state)
+
+
+def run(
+    phase: Phase,
     workdir: Path,
-    arch: Architecture,
-    state: TrainState,
-    dataset: data.Dataset,
-    mesh,
-    meta_extra: dict,
+    loaded: Loaded,
+    *,
+    meta_extra: dict | None = None,
     stop_at: int | None,
     progress: bool | None,
     verbose: bool,
 ) -> dict:
-    """Trains ``state`` to the end of the run described by ``config``; returns the final eval."""
+    """Trains ``loaded.state`` to the end of the run of ``loaded.config``; returns the final eval.
+
+    Checkpoints go to ``workdir``; their meta records ``phase`` and the fields of ``meta_extra``.
+    """
+    config, dataset, mesh = loaded.config, loaded.dataset, loaded.mesh
+    arch, state = loaded.arch, loaded.state
     total_steps, per_epoch = run_length(config, dataset)
     options = StepOptions(
         config.label_smoothing, config.compute_dtype, accumulate_gfi=config.collect_gfi
@@ -193,7 +243,7 @@ def run(
         "config": config.to_dict(),
         "phase": phase.value,
         "num_devices": mesh.size,
-        **meta_extra,
+        **(meta_extra or {}),
     }
     start_step = int(jax.device_get(state.step))
     if start_step >= total_steps:

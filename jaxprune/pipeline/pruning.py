@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -29,7 +28,7 @@ from jaxprune.surgery import prune as prune_variables
 from jaxprune.surgery import prune_like
 from jaxprune.train import loop, parallel
 from jaxprune.train.optim import make_optimizer
-from jaxprune.train.step import TrainState, state_from_variables
+from jaxprune.train.step import state_from_variables
 
 
 def check_method(method: str) -> Any:
@@ -58,41 +57,29 @@ def check_budget(arch: Architecture, budget: Budget, round_to: int) -> None:
 
 
 def _open_for_pruning(
-    workdir: str | os.PathLike,
-    out: Path,
-    restore_step: int | None,
-    data_dir: str | None,
-    devices: Sequence[jax.Device] | None,
-) -> tuple[int, dict, Architecture, TrainConfig]:
-    """(step, meta, architecture, config) of the checkpoint to prune; refuses a used ``out``."""
+    workdir: str | os.PathLike, out: Path, restore_step: int | None, data_dir: str | None
+) -> tuple[int, dict, TrainConfig]:
+    """(step, meta, config) of the checkpoint to prune; refuses a used ``out``."""
     if checkpoint.steps(out):
         raise UserError(f"{out} already holds checkpoints; give a new --out directory")
-    step = common.pick_step(workdir, restore_step)
-    if step is None:
-        raise UserError(f"no checkpoint in {workdir}")
-    meta = common.read_meta(workdir, step)
-    config = TrainConfig.from_dict(meta["config"])
-    if data_dir is not None:
-        config = dataclasses.replace(config, data_dir=data_dir)
-    return step, meta, models.from_dict(meta["arch"]), config
+    return common.open_checkpoint(workdir, restore_step, data_dir)
 
 
 def _write_pruned(
-    *,
     workdir: str | os.PathLike,
-    out: Path,
     step: int,
-    arch: Architecture,
-    state: TrainState,
+    source: common.Loaded,
+    out: Path,
     keep: Mapping[str, Any],
-    config: TrainConfig,
-    dataset: data.Dataset,
-    mesh,
     how: dict,
     evaluate_before_after: bool,
     verbose: bool,
 ) -> dict:
-    """Prunes ``state`` to ``keep``, saves it as step 0 of ``out`` with its records."""
+    """Prunes ``source`` to ``keep`` and saves it as step 0 of ``out``, with its records.
+
+    ``source`` is the checkpoint at ``step`` of ``workdir``; ``how`` says how ``keep`` was chosen.
+    """
+    arch, state, config, mesh = source.arch, source.state, source.config, source.mesh
     pruned_arch, pruned_variables = prune_variables(arch, state.variables, keep)
     opt_state = prune_like(arch, state.opt_state, keep)
     tx = make_optimizer(config.optimizer)
@@ -111,8 +98,9 @@ def _write_pruned(
         "params_after": count_params(pruned_arch),
     }
     if evaluate_before_after:
-        record["accuracy_before"] = common.evaluator(arch, dataset, mesh, config)(state)["accuracy"]
-        after = common.evaluator(pruned_arch, dataset, mesh, config)(pruned_state)
+        before = common.evaluator(arch, source.dataset, mesh, config)(state)
+        record["accuracy_before"] = before["accuracy"]
+        after = common.evaluator(pruned_arch, source.dataset, mesh, config)(pruned_state)
         record["accuracy_after"] = after["accuracy"]
     out.mkdir(parents=True, exist_ok=True)
     pruned_meta = {
@@ -181,11 +169,10 @@ def prune(
         ) from None
     if policy is Policy.UNIFORM and budget.kind is BudgetKind.FILTERS:
         raise UserError("--policy uniform takes a --macs-ratio or --params-ratio budget")
-    step, meta, arch, config = _open_for_pruning(workdir, out, restore_step, data_dir, devices)
-    check_budget(arch, budget, round_to)
-    dataset = common.load_dataset(config)
-    mesh = common.data_mesh(devices, config.batch_size)
-    arch, state = common.restore(workdir, step, meta, mesh)
+    step, meta, config = _open_for_pruning(workdir, out, restore_step, data_dir)
+    check_budget(models.from_dict(meta["arch"]), budget, round_to)
+    source = common.load_run(workdir, step, meta, config, devices)
+    arch, state = source.arch, source.state
     how = {}
     accumulated = int(jax.device_get(state.gfi.num_steps)) if state.gfi else 0
     if method == "gfi" and accumulated:
@@ -200,7 +187,7 @@ def prune(
             batches = [
                 (jax.numpy.asarray(images), jax.numpy.asarray(labels))
                 for images, labels in data.train_batches(
-                    dataset,
+                    source.dataset,
                     global_batch_size=config.batch_size,
                     seed=config.seed,
                     num_steps=num_batches,
@@ -233,20 +220,7 @@ def prune(
         "round_to": round_to,
         **how,
     }
-    return _write_pruned(
-        workdir=workdir,
-        out=out,
-        step=step,
-        arch=arch,
-        state=state,
-        keep=keep,
-        config=config,
-        dataset=dataset,
-        mesh=mesh,
-        how=how,
-        evaluate_before_after=evaluate_before_after,
-        verbose=verbose,
-    )
+    return _write_pruned(workdir, step, source, out, keep, how, evaluate_before_after, verbose)
 
 
 def prune_to(
@@ -262,21 +236,7 @@ def prune_to(
 ) -> dict:
     """As `prune`, with the channels to keep given (group -> increasing indices)."""
     out = Path(out)
-    step, meta, _, config = _open_for_pruning(workdir, out, restore_step, data_dir, devices)
-    dataset = common.load_dataset(config)
-    mesh = common.data_mesh(devices, config.batch_size)
-    arch, state = common.restore(workdir, step, meta, mesh)
-    return _write_pruned(
-        workdir=workdir,
-        out=out,
-        step=step,
-        arch=arch,
-        state=state,
-        keep=keep,
-        config=config,
-        dataset=dataset,
-        mesh=mesh,
-        how={"method": "given"},
-        evaluate_before_after=evaluate_before_after,
-        verbose=verbose,
-    )
+    step, meta, config = _open_for_pruning(workdir, out, restore_step, data_dir)
+    source = common.load_run(workdir, step, meta, config, devices)
+    how = {"method": "given"}
+    return _write_pruned(workdir, step, source, out, keep, how, evaluate_before_after, verbose)

@@ -82,18 +82,9 @@ def train(
         arch, state = common.restore(workdir, step, meta, mesh)
         checkpoint.reject_after(workdir, step)
         common.say(verbose, f"resuming {arch.name} in {workdir} from step {step}/{total_steps}")
+    loaded = common.Loaded(config, dataset, mesh, arch, state)
     return common.run(
-        phase=Phase.TRAIN,
-        config=config,
-        workdir=workdir,
-        arch=arch,
-        state=state,
-        dataset=dataset,
-        mesh=mesh,
-        meta_extra={},
-        stop_at=stop_at,
-        progress=progress,
-        verbose=verbose,
+        Phase.TRAIN, workdir, loaded, stop_at=stop_at, progress=progress, verbose=verbose
     )
 
 
@@ -158,20 +149,16 @@ def finetune(
             raise UserError(
                 f"{workdir} holds a fine-tuning run with other settings ({', '.join(differing)})"
             )
-    dataset = common.load_dataset(config)
-    mesh = common.data_mesh(devices, config.batch_size)
-    arch, state = common.restore(workdir, step, meta, mesh, config.optimizer)
+    loaded = common.load_run(workdir, step, meta, config, devices, config.optimizer)
     checkpoint.reject_after(workdir, step)
-    total_steps, _ = common.run_length(config, dataset)
-    common.say(verbose, f"fine-tuning {arch.name} in {workdir} from step {step}/{total_steps}")
+    total_steps, _ = common.run_length(config, loaded.dataset)
+    common.say(
+        verbose, f"fine-tuning {loaded.arch.name} in {workdir} from step {step}/{total_steps}"
+    )
     return common.run(
-        phase=Phase.FINETUNE,
-        config=config,
-        workdir=workdir,
-        arch=arch,
-        state=state,
-        dataset=dataset,
-        mesh=mesh,
+        Phase.FINETUNE,
+        workdir,
+        loaded,
         meta_extra={"pruning": meta.get("pruning")},
         stop_at=stop_at,
         progress=progress,
@@ -204,17 +191,10 @@ def evaluate(
       "num_devices"}``.
     """
     workdir = Path(workdir)
-    step = common.pick_step(workdir, restore_step)
-    if step is None:
-        raise UserError(f"no checkpoint in {workdir}")
-    meta = common.read_meta(workdir, step)
-    config = TrainConfig.from_dict(meta["config"])
-    if data_dir is not None:
-        config = dataclasses.replace(config, data_dir=data_dir)
-    dataset = common.load_dataset(config)
-    mesh = common.data_mesh(devices, config.batch_size)
-    arch, state = common.restore(workdir, step, meta, mesh)
-    result = common.evaluator(arch, dataset, mesh, config)(state)
+    step, meta, config = common.open_checkpoint(workdir, restore_step, data_dir)
+    loaded = common.load_run(workdir, step, meta, config, devices)
+    arch, dataset, mesh = loaded.arch, loaded.dataset, loaded.mesh
+    result = common.evaluator(arch, dataset, mesh, config)(loaded.state)
     row = {"step": step, **result, "split": "test", "num_devices": mesh.size}
     loop.MetricsLog(workdir / METRICS_FILE, enabled=parallel.is_primary()).write(row)
     return {
@@ -236,9 +216,6 @@ def load(
     ``arch.module().apply``; no data is read.
     """
     workdir = Path(workdir)
-    step = common.pick_step(workdir, restore_step)
-    if step is None:
-        raise UserError(f"no checkpoint in {workdir}")
-    meta = common.read_meta(workdir, step)
+    step, meta, _ = common.open_checkpoint(workdir, restore_step)
     arch, state = common.restore(workdir, step, meta, common.data_mesh(jax.devices()[:1], 1))
     return arch, jax.device_get(state.variables)
