@@ -52,8 +52,7 @@ except ImportError:  # PyTorch is optional: the JAX numbers are still measured
 
 JAX_IMPLS = ("xla", "matmul", "auto")
 MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483648"}
-# glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 = 32 MiB (64-bit) and keeps the
-# default then: 32 MiB is the largest that takes effect; larger blocks are always fresh mmaps.
+# glibc's documented maximum for the mmap threshold (32 MiB on 64-bit), for comparison.
 MALLOC_KEEP_32M = {**MALLOC_KEEP, "MALLOC_MMAP_THRESHOLD_": "33554432"}
 _LIBDIR = "/usr/lib/x86_64-linux-gnu"
 MALLOC_CONFIGS = {
@@ -476,6 +475,7 @@ def _child_malloc(args, settings) -> dict:
             continue
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [sys.executable, __file__, "--child", out.name, "--mode", args.mode]
+            cmd += ["--models", *args.models] if args.models else []
             subprocess.run(cmd, env={**os.environ, **env}, check=True)
             results[label] = {"env": env, "models": json.load(open(out.name))}
     return results
@@ -610,6 +610,7 @@ def main(argv=None) -> dict:
         help="full: the table (~30 min on 2 cores); quick: small sizes (~3 min); tiny: seconds",
     )
     parser.add_argument("--skip", default="", help="comma-separated sections to skip")
+    parser.add_argument("--models", nargs="+", help="networks of the models section (default: all)")
     parser.add_argument(
         "--report", metavar="JSON", help="print the Markdown tables of a results file"
     )
@@ -621,6 +622,8 @@ def main(argv=None) -> dict:
         print(markdown_report(result))
         return result
     s = _settings(args.mode)
+    if args.models:
+        s["models"] = args.models
     if args.child:
         models = bench_models(
             s["models"], s["batch"], s["infer_batch"], s["rounds"], s["min_round_s"],

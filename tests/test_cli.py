@@ -1,6 +1,7 @@
 """The `jaxprune` command: the pipeline end to end, and one readable line for every user error."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -198,6 +199,32 @@ def test_console_script(workdir, tmp_path):
     )
     assert good.returncode == 0, good.stderr
     assert json.loads(good.stdout)["step"] == 6
+
+
+@pytest.mark.parametrize(
+    "environ, want",
+    [
+        ({}, "libtcmalloc_minimal.so.4"),
+        ({"LD_PRELOAD": "/opt/libfoo.so"}, "libtcmalloc_minimal.so.4:/opt/libfoo.so"),
+        ({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}, None),  # already under tcmalloc
+        ({"LD_PRELOAD": "libtcmalloc_minimal.so.4"}, None),  # the re-executed process
+        ({cli.ALLOCATOR_ENV: "system"}, None),
+    ],
+)
+def test_console_script_preloads_tcmalloc_once(environ, want):
+    got = cli.preload_environ(environ, "libtcmalloc_minimal.so.4")
+    assert (got and got["LD_PRELOAD"]) == want
+    assert cli.preload_environ(environ, None) is None  # not installed: run as is
+
+
+def test_console_script_with_the_system_allocator(workdir):
+    env = {**os.environ, cli.ALLOCATOR_ENV: "system"}
+    done = subprocess.run(
+        [_script(), "eval", "--workdir", workdir, "--json"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["step"] == 6
 
 
 def test_prune_uniform_policy_keeps_the_same_fraction_everywhere(workdir, tmp_path, capsys):

@@ -1,5 +1,5 @@
 """Low-level array operations used by the models (convolution with a per-backend fast path)."""
 
-from jaxprune.ops.conv import conv2d
+from jaxprune.ops.conv import conv2d, conv_impl
 
-__all__ = ["conv2d"]
+__all__ = ["conv2d", "conv_impl"]
