@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -477,7 +478,7 @@ def _child_malloc(args, settings) -> dict:
             cmd = [sys.executable, __file__, "--child", out.name, "--mode", args.mode]
             cmd += ["--models", *args.models] if args.models else []
             subprocess.run(cmd, env={**os.environ, **env}, check=True)
-            results[label] = {"env": env, "models": json.load(open(out.name))}
+            results[label] = {"env": env, "models": json.loads(Path(out.name).read_text())}
     return results
 
 
@@ -494,37 +495,6 @@ def _meta() -> dict:
         "backend": jax.default_backend(),
         "note": "variants interleaved in one process; other processes shared the machine",
     }
-
-
-def _print_summary(result: dict) -> None:
-    print(f"matmul {result['matmul']['size']}: " + ", ".join(
-        f"{k} {v:.0f} GFLOP/s" for k, v in result["matmul"].items() if k != "size"
-    ))  # fmt: skip
-    for model, rows in result["conv_ops"].items():
-        for row in rows:
-            shape = "{c_in}->{c_out} {pixels}px k{kernel} s{stride}".format(**row)
-            cells = [
-                f"{d[:5]} " + " ".join(f"{k}={v:.0f}" for k, v in g.items())
-                for d, g in row["gflops"].items()
-            ]
-            print(f"{model:8s} {shape:22s} GFLOP/s  " + " | ".join(cells))
-    for model, entry in result["models"].items():
-        for key, v in entry.items():
-            if not isinstance(v, dict) or "images_per_s" not in v:
-                continue
-            ratio = f"  {v['vs_torch']:.2f}x torch" if "vs_torch" in v else ""
-            if "speedup" in v:
-                share = v["speedup_over_macs_ratio"]
-                ratio += f"  speed-up {v['speedup']:.2f}x ({share:.2f} of the MACs ratio)"
-            print(f"{model:8s} {key:22s} {v['images_per_s']:8.1f} img/s  "
-                  f"{v['minflt_per_call']:9.0f} minflt/call{ratio}")  # fmt: skip
-    for label, child in result.get("malloc", {}).items():
-        for model, entry in child["models"].items():
-            for key, v in entry.items():
-                if not isinstance(v, dict):
-                    continue
-                print(f"malloc={label:20s} {model:8s} {key:12s} {v['images_per_s']:8.1f} img/s  "
-                      f"{v['minflt_per_call']:9.0f} minflt/call")  # fmt: skip
 
 
 def markdown_report(result: dict) -> str:
@@ -548,8 +518,7 @@ def markdown_report(result: dict) -> str:
             " | infer img/s | vs torch | speed-up (of MACs ratio) | minor faults |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        prefixes = sorted({k.split("/")[0].removesuffix("train").removesuffix("infer")
-                           for k in entry if "/" in k}, key=len)  # fmt: skip
+        prefixes = [k.removesuffix("macs") for k in entry if k.endswith("macs")]
         impls = [k.split("/")[1] for k in entry if k.startswith("train/")]
         for prefix in prefixes:
             for impl in impls:
@@ -656,7 +625,7 @@ def main(argv=None) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    _print_summary(result)
+    print(markdown_report(result))
     return result
 
 
