@@ -7,6 +7,9 @@ arch2, variables2 = jp.prune(arch, variables, keep)
 jp.count_macs(arch2), jp.count_params(arch2)
 """
 
+# First, before anything can start a JAX backend (XLA reads its flags then): importing
+# jaxprune.ops.xla_cpu runs its `configure`.
+from jaxprune.ops import xla_cpu as _xla_cpu  # noqa: F401  # isort: skip
 from jaxprune import checkpoint, importance, models, select, train
 from jaxprune.flops import count_macs, count_params, macs_per_layer, params_per_layer
 from jaxprune.graph import Layer, group_layers, groups, layers

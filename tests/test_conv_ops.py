@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxprune.ops import conv as conv_mod
+from jaxprune.ops import xla_cpu
 from jaxprune.ops.conv import conv2d, conv_impl
 
 # (batch, height, width, c_in, c_out, kernel, stride, padding): every kernel size 1/3/5/7, stride
@@ -30,7 +31,7 @@ PLANS = [
     conv_mod._Plan(forward, input_grad, kernel_grad)
     for forward in ("xla", "im2col")
     for input_grad in ("xla", "im2col")
-    for kernel_grad in ("im2col", "rowshift")
+    for kernel_grad in ("xla", "im2col", "rowshift")
 ]
 
 
@@ -89,16 +90,39 @@ def test_every_direction_kernel_matches_lax_conv(plan):
 
 
 def test_cpu_plan_per_direction():
-    plan = conv_mod._cpu_plan
     Plan = conv_mod._Plan
-    assert plan((128, 32, 32, 16), (3, 3, 16, 16), 1, 1) == Plan("xla", "xla", "rowshift")
-    assert plan((128, 8, 8, 64), (3, 3, 64, 64), 1, 1) == Plan("xla", "xla", "im2col")
-    assert plan((128, 32, 32, 16), (3, 3, 16, 32), 2, 1) == Plan("xla", "im2col", "im2col")
-    assert plan((128, 32, 32, 16), (1, 1, 16, 32), 2, 0) == Plan("xla", "im2col", "im2col")
-    assert plan((128, 2, 2, 512), (3, 3, 512, 512), 1, 1) == Plan("im2col", "im2col", "im2col")
+
+    def plan(x_shape, kernel_shape, stride, padding, ynn_off):
+        return conv_mod._cpu_plan(x_shape, kernel_shape, stride, padding, ynn_off=ynn_off)
+
+    # YNNPACK's convolutions on (XLA's default): the kernel gradient is never XLA's.
+    assert plan((128, 32, 32, 16), (3, 3, 16, 16), 1, 1, False) == Plan("xla", "xla", "rowshift")
+    assert plan((128, 8, 8, 64), (3, 3, 64, 64), 1, 1, False) == Plan("xla", "xla", "im2col")
+    assert plan((128, 32, 32, 16), (3, 3, 16, 32), 2, 1, False) == Plan("xla", "im2col", "im2col")
+    assert plan((128, 32, 32, 16), (1, 1, 16, 32), 2, 0, False) == Plan("xla", "im2col", "im2col")
+    assert plan((128, 2, 2, 512), (3, 3, 512, 512), 1, 1, False) == Plan(
+        "im2col", "im2col", "im2col"
+    )
+    # Off (what `import jaxprune` arranges): XLA's own kernel gradient everywhere.
+    assert plan((128, 32, 32, 16), (3, 3, 16, 16), 1, 1, True) == Plan("xla", "xla", "xla")
+    assert plan((128, 32, 32, 16), (1, 1, 16, 32), 2, 0, True) == Plan("xla", "im2col", "xla")
+    assert plan((128, 2, 2, 512), (3, 3, 512, 512), 1, 1, True) == Plan("im2col", "im2col", "xla")
+    # 4x4 pixels: XLA's own convolution is fast there, YNNPACK's is not.
+    assert plan((128, 4, 4, 512), (3, 3, 512, 512), 1, 1, True) == Plan("xla", "xla", "xla")
+    assert plan((128, 4, 4, 512), (3, 3, 512, 512), 1, 1, False) == Plan(
+        "im2col", "im2col", "im2col"
+    )
 
 
-def test_auto_with_xla_forward_and_rowshift_kernel_gradient():
+def test_auto_follows_the_processes_ynn_setting(monkeypatch):
+    x_shape, kernel_shape = (2, 16, 16, 8), (3, 3, 8, 4)
+    for off, kernel_grad in [(True, "xla"), (False, "rowshift")]:
+        monkeypatch.setitem(xla_cpu._state, "ynn_convolutions_off", off)
+        assert conv_mod._cpu_plan(x_shape, kernel_shape, 1, 1).kernel_grad == kernel_grad
+
+
+def test_auto_with_xla_forward_and_rowshift_kernel_gradient(monkeypatch):
+    monkeypatch.setitem(xla_cpu._state, "ynn_convolutions_off", False)
     case = (2, 16, 16, 8, 4, 3, 1, 1)  # 256 output pixels: the plan with XLA forward + rowshift
     x, kernel = _inputs(case)
     assert conv_mod._cpu_plan(x.shape, kernel.shape, 1, 1).kernel_grad == "rowshift"
@@ -106,10 +130,14 @@ def test_auto_with_xla_forward_and_rowshift_kernel_gradient():
     _assert_close(_value_and_grads(conv, x, kernel), _value_and_grads(_reference(case), x, kernel))
 
 
-# "auto" at 16x16 pixels runs XLA's forward and input gradient with the rowshift kernel gradient;
-# "matmul" runs the im2col forms.
-IMPL_CASES = [("matmul", (2, 6, 7, 3, 4, 3, 1, 1)), ("auto", (1, 16, 16, 8, 4, 3, 1, 1))]
-IMPL_IDS = ["matmul", "auto-16px"]
+# "matmul" runs the im2col forms; "auto" at 2x2 pixels the im2col forward and input gradient with
+# XLA's kernel gradient (YNNPACK convolutions off, as `import jaxprune` arranges), at 16x16 XLA's.
+IMPL_CASES = [
+    ("matmul", (2, 6, 7, 3, 4, 3, 1, 1)),
+    ("auto", (1, 2, 2, 8, 4, 3, 1, 1)),
+    ("auto", (1, 16, 16, 8, 4, 3, 1, 1)),
+]
+IMPL_IDS = ["matmul", "auto-2px", "auto-16px"]
 
 
 @pytest.mark.parametrize(("impl", "case"), IMPL_CASES, ids=IMPL_IDS)
@@ -194,15 +222,19 @@ def test_switch_by_argument_context_and_environment(monkeypatch):
 
 
 def test_auto_is_plain_lax_conv_off_cpu(monkeypatch):
+    monkeypatch.setitem(xla_cpu._state, "ynn_convolutions_off", False)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert _conv_primitives("auto")[1] == 0
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     n_conv, n_dot = _conv_primitives("auto")
     assert n_dot > 0 and n_conv > 0  # XLA's forward/input gradient, a matmul kernel gradient
+    monkeypatch.setitem(xla_cpu._state, "ynn_convolutions_off", True)
+    assert _conv_primitives("auto")[1] == 0  # at 16x16 pixels XLA's own in every direction
 
 
 def test_default_is_auto_and_the_environment_turns_it_off(monkeypatch):
     monkeypatch.delenv(conv_mod.ENV_VAR, raising=False)
+    monkeypatch.setitem(xla_cpu._state, "ynn_convolutions_off", False)
     assert conv_mod.DEFAULT_IMPL == "auto"
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert _conv_primitives(None) == _conv_primitives("auto")

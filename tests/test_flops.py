@@ -6,6 +6,7 @@ import pytest
 from jax import lax
 
 import jaxprune as jp
+from jaxprune.models import resnet
 from jaxprune.ops.conv import conv_impl
 
 # Published MACs at the default input shape ("FLOPs" in the pruning papers), and params.
@@ -68,9 +69,11 @@ def _xla_flops(fn, *args) -> float:
 
 
 @pytest.mark.parametrize("name, low, high", [("resnet56", 0.92, 0.97), ("vgg16", 0.77, 0.82)])
-def test_xla_whole_network_skips_same_padding_taps(name, low, high):
+def test_xla_whole_network_skips_same_padding_taps(name, low, high, monkeypatch):
     """On the whole network XLA's convolution leaves out the taps on padding: about 0.94x / 0.79x of
-    2 x MACs. (The CPU path's matrix products on small maps count them, so XLA's is forced.)"""
+    2 x MACs. (The CPU path's matrix products on small maps count them, so XLA's is forced; the
+    CPU-only division of `materialize` adds a flop per residual-stream element, so it is off.)"""
+    monkeypatch.setattr(resnet, "materialize", lambda x: x)
     arch = jp.models.create(name)
     model = arch.module()
     x = jnp.zeros((1, *arch.input_shape))

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from jaxprune.graph import Layer, conv_out_size, groups
 from jaxprune.models import common
+from jaxprune.ops import materialize
 
 BlockKind = Literal["basic", "bottleneck"]
 StemKind = Literal["cifar", "imagenet"]
@@ -248,7 +249,8 @@ class Block(nn.Module):
             shortcut = proj(x)
             shortcut = common.batch_norm(train, dt, "proj_bn")(shortcut)
             shortcut = common.apply_gate(shortcut, gates, stream_group)
-        return nn.relu(y + shortcut)
+        # The residual stream: read by the next block and by the backward pass (see materialize).
+        return materialize(nn.relu(y + shortcut))
 
 
 class Stage(nn.Module):

@@ -1,13 +1,12 @@
-"""2-D convolution in NHWC/HWIO layout, with a matrix-product path for the CPU backend.
+"""2-D convolution in NHWC/HWIO layout, with a per-direction plan for the CPU backend.
 
 `conv2d` is the only convolution the models call. On GPU and TPU it is `lax.conv_general_dilated`
-unchanged. On CPU, XLA's convolution is slow in places its matrix product is not: the kernel
-gradient (XLA transposes both activations to a batch-minor layout first, then runs a convolution
-with a 32x32 window), every direction at 2x2 to 4x4 pixels (VGG's last stages), the input gradient
-of strided and 1x1 convolutions. There `conv2d` writes that direction as one `jnp.dot` over
-shifted copies of the input, and keeps XLA's convolution where it is not slower (most forward
-passes, the input gradient of stride-1 3x3 convolutions). The choice is per direction and per
-shape; see `_cpu_plan`.
+unchanged. On CPU, XLA's convolution is slow in places its matrix product is not: every direction
+at 2x2 to 4x4 pixels (VGG's last stages), the input gradient of strided and 1x1 convolutions, and,
+while XLA hands convolutions to YNNPACK (see `jaxprune.ops.xla_cpu`, which turns that off on
+``import jaxprune``), the kernel gradient. There `conv2d` writes that direction as one `jnp.dot`
+over shifted copies of the input, and keeps XLA's convolution where it is not slower. The choice
+is per direction and per shape; see `_cpu_plan`.
 
 The three directions are tied together with `jax.custom_jvp`: the tangent rule is the product rule
 ``dy = conv(dx, w) + conv(x, dw)``, each term written with the implementation that is fastest for
@@ -33,21 +32,24 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from jaxprune.ops import xla_cpu
+
 ConvImpl = Literal["auto", "xla", "matmul"]
 """``"xla"``: `lax.conv_general_dilated` in every direction. ``"matmul"``: matrix products in every
 direction (for tests and benchmarks). ``"auto"``: the per-shape CPU plan on CPU, else ``"xla"``."""
 
 ENV_VAR = "JAXPRUNE_CONV_IMPL"
-# "auto": on an idle 2-core x86-64 CPU (experiments/bench_cpu.py, RESULTS.md section 3) it trains
-# CIFAR ResNet-56 1.4x and VGG-16 5x faster than XLA's convolution; elsewhere it is XLA's. Set
-# JAXPRUNE_CONV_IMPL=xla to get XLA's convolution on CPU too.
+# "auto": the CPU plan on CPU (measured with experiments/bench_cpu.py, RESULTS.md section 3),
+# XLA's convolution elsewhere. Set JAXPRUNE_CONV_IMPL=xla to get XLA's convolution on CPU too.
 DEFAULT_IMPL: ConvImpl = "auto"
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # Thresholds of `_cpu_plan` in output pixels (H_out * W_out), measured on the convolutions of CIFAR
-# ResNet-56 and VGG-16 at batch 128 (experiments/bench_cpu.py): up to 4x4 the forward pass and input
-# gradient are dots over im2col patches; from 16x16 the kernel gradient uses the rowshift form.
-_IM2COL_MAX_PIXELS = 16
+# ResNet-56 and VGG-16 at batch 128 (experiments/bench_cpu.py): at most this many pixels, the
+# forward pass and input gradient are dots over im2col patches (XLA's own convolution runs at
+# 2-14 GFLOP/s at 1x1 and 2x2 pixels, from 3x3 up it is faster than the dots; YNNPACK's until 4x4
+# is not); from 16x16 the kernel gradient (when not XLA's) uses the rowshift form.
+_IM2COL_MAX_PIXELS = {"ynn_off": 4, "ynn_on": 16}
 _ROWSHIFT_MIN_PIXELS = 256
 
 
@@ -129,7 +131,7 @@ class _Plan:
 
     forward: Literal["xla", "im2col"]
     input_grad: Literal["xla", "im2col"]
-    kernel_grad: Literal["im2col", "rowshift"]
+    kernel_grad: Literal["xla", "im2col", "rowshift"]
 
 
 def _matmul_plan(kernel_shape, stride: int) -> _Plan:
@@ -138,22 +140,35 @@ def _matmul_plan(kernel_shape, stride: int) -> _Plan:
     return _Plan("im2col", "im2col", "rowshift" if rowshift else "im2col")
 
 
-def _cpu_plan(x_shape, kernel_shape, stride: int, padding: int) -> _Plan:
+def _cpu_plan(
+    x_shape, kernel_shape, stride: int, padding: int, ynn_off: bool | None = None
+) -> _Plan:
     """Fastest combination per direction on XLA:CPU, from CIFAR ResNet-56 / VGG-16 measurements.
 
-    XLA's convolution keeps the forward pass (except at <= 4x4 output pixels, where it is up to
-    100x slower than a dot) and the input gradient of stride-1 convolutions with a real window.
-    The kernel gradient is never XLA's (2x to 10x slower: it transposes both operands first).
+    ``ynn_off``: whether XLA runs its own convolutions rather than YNNPACK's (default:
+    `xla_cpu.ynn_convolutions_off`, true after ``import jaxprune``). XLA's convolution keeps the
+    forward pass, except at the smallest maps (`_IM2COL_MAX_PIXELS`), where it is up to 100x
+    slower than a dot, and the input gradient of stride-1 convolutions with a real window (the
+    strided and 1x1 ones are 1.3x-2.8x faster as dots). The kernel gradient is XLA's own when
+    YNNPACK convolutions are off (1.4x-4x faster than the dots), else a dot (YNNPACK's kernel
+    gradient is 2x-10x slower than them).
     """
+    if ynn_off is None:
+        ynn_off = xla_cpu.ynn_convolutions_off()
     kh, kw, c_in, _ = kernel_shape
     pixels = _out_size(x_shape[1], kh, stride, padding) * _out_size(x_shape[2], kw, stride, padding)
-    small = pixels <= _IM2COL_MAX_PIXELS
+    small = pixels <= _IM2COL_MAX_PIXELS["ynn_off" if ynn_off else "ynn_on"]
     windowed = stride == 1 and kh * kw > 1
-    rowshift = windowed and pixels >= _ROWSHIFT_MIN_PIXELS and c_in >= 8
+    if ynn_off:
+        kernel_grad = "xla"
+    elif windowed and pixels >= _ROWSHIFT_MIN_PIXELS and c_in >= 8:
+        kernel_grad = "rowshift"
+    else:
+        kernel_grad = "im2col"
     return _Plan(
         forward="im2col" if small else "xla",
         input_grad="xla" if windowed and not small else "im2col",
-        kernel_grad="rowshift" if rowshift else "im2col",
+        kernel_grad=kernel_grad,
     )
 
 
@@ -193,6 +208,8 @@ def _forward(x, kernel, stride, padding, how):
 # memory; recomputing them there costs one more pass over x.
 @functools.partial(jax.checkpoint, static_argnums=(2, 3, 4))
 def _kernel_linear(x, kernel, stride, padding, how):
+    if how == "xla":
+        return _xla_conv(x, kernel, stride, padding)
     if how == "rowshift":
         return _rowshift_conv(x, kernel, padding)
     return _im2col_conv(x, kernel, stride, padding)
