@@ -8,7 +8,8 @@ Sections (all in one JSON file):
   matmul     f32 2048x2048 matmul, GFLOP/s, JAX and PyTorch.
   conv_ops   every convolution shape of CIFAR ResNet-56 and VGG-16 (batch 128): forward, input
              gradient and kernel gradient in GFLOP/s for ``conv2d(impl="xla" | "matmul" | "auto")``
-             and PyTorch (channels_last, oneDNN).
+             and PyTorch (channels_last, oneDNN). ``xla`` is XLA's own convolution when ``import
+             jaxprune`` could turn YNNPACK's off (``meta.ynn_convolutions_off``), else YNNPACK's.
   models     train step (SGD with momentum, batch 128) and inference (batch 256) in images/s and
              minor page faults per call, for ``impl="xla"``, ``"auto"`` and PyTorch eager
              channels_last, of the network and of its uniform 50%-MACs cuts with ``round_to`` 1
@@ -42,6 +43,7 @@ import numpy as np
 import optax
 
 import jaxprune as jp
+from jaxprune.ops import xla_cpu
 from jaxprune.ops.conv import conv2d, conv_impl
 
 try:
@@ -492,6 +494,7 @@ def _meta() -> dict:
         "cpu_count": os.cpu_count(),
         "load_average_start": os.getloadavg(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "ynn_convolutions_off": xla_cpu.ynn_convolutions_off(),
         "backend": jax.default_backend(),
         "note": "variants interleaved in one process; other processes shared the machine",
     }

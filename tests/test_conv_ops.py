@@ -107,11 +107,7 @@ def test_cpu_plan_per_direction():
     assert plan((128, 32, 32, 16), (3, 3, 16, 16), 1, 1, True) == Plan("xla", "xla", "xla")
     assert plan((128, 32, 32, 16), (1, 1, 16, 32), 2, 0, True) == Plan("xla", "im2col", "xla")
     assert plan((128, 2, 2, 512), (3, 3, 512, 512), 1, 1, True) == Plan("im2col", "im2col", "xla")
-    # 4x4 pixels: XLA's own convolution is fast there, YNNPACK's is not.
-    assert plan((128, 4, 4, 512), (3, 3, 512, 512), 1, 1, True) == Plan("xla", "xla", "xla")
-    assert plan((128, 4, 4, 512), (3, 3, 512, 512), 1, 1, False) == Plan(
-        "im2col", "im2col", "im2col"
-    )
+    assert plan((128, 4, 4, 512), (3, 3, 512, 512), 1, 1, True) == Plan("im2col", "im2col", "xla")
 
 
 def test_auto_follows_the_processes_ynn_setting(monkeypatch):

@@ -45,11 +45,11 @@ DEFAULT_IMPL: ConvImpl = "auto"
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # Thresholds of `_cpu_plan` in output pixels (H_out * W_out), measured on the convolutions of CIFAR
-# ResNet-56 and VGG-16 at batch 128 (experiments/bench_cpu.py): at most this many pixels, the
-# forward pass and input gradient are dots over im2col patches (XLA's own convolution runs at
-# 2-14 GFLOP/s at 1x1 and 2x2 pixels, from 3x3 up it is faster than the dots; YNNPACK's until 4x4
-# is not); from 16x16 the kernel gradient (when not XLA's) uses the rowshift form.
-_IM2COL_MAX_PIXELS = {"ynn_off": 4, "ynn_on": 16}
+# ResNet-56 and VGG-16 at batch 128 (experiments/bench_cpu.py): up to 4x4 the forward pass and input
+# gradient are dots over im2col patches (XLA's convolution runs at 2-14 GFLOP/s at 1x1 and 2x2; at
+# 4x4 XLA's own is faster alone, but VGG-16's inference was slower with it: RESULTS.md section 3);
+# from 16x16 the kernel gradient, when not XLA's, uses the rowshift form.
+_IM2COL_MAX_PIXELS = 16
 _ROWSHIFT_MIN_PIXELS = 256
 
 
@@ -157,7 +157,7 @@ def _cpu_plan(
         ynn_off = xla_cpu.ynn_convolutions_off()
     kh, kw, c_in, _ = kernel_shape
     pixels = _out_size(x_shape[1], kh, stride, padding) * _out_size(x_shape[2], kw, stride, padding)
-    small = pixels <= _IM2COL_MAX_PIXELS["ynn_off" if ynn_off else "ynn_on"]
+    small = pixels <= _IM2COL_MAX_PIXELS
     windowed = stride == 1 and kh * kw > 1
     if ynn_off:
         kernel_grad = "xla"

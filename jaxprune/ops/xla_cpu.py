@@ -1,9 +1,9 @@
 """Two XLA:CPU slow paths jaxprune avoids: YNNPACK convolutions and recomputed residual streams.
 
 1. XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK by default. For the kernel gradient, the
-direction a train step spends most time in, that path runs at 6-45 GFLOP/s on CIFAR ResNet-56 and
-VGG-16 shapes, where XLA's own (Eigen) convolution runs at 45-165 (experiments/bench_cpu.py,
-RESULTS.md section 3). Removing only the ``individual_convolution`` type from
+direction a train step spends most time in, that path runs at 6-41 GFLOP/s on CIFAR ResNet-56's
+layers, where XLA's own (Eigen) convolution runs at 13-132 (experiments/bench_cpu.py, RESULTS.md
+section 3). Removing only the ``individual_convolution`` type from
 ``--xla_cpu_experimental_ynn_fusion_type`` keeps YNNPACK's other fusions (dots, elementwise).
 
 XLA reads ``XLA_FLAGS`` once, when the first backend starts, so `configure` (run when this
