@@ -496,7 +496,7 @@ def _meta() -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "ynn_convolutions_off": xla_cpu.ynn_convolutions_off(),
         "backend": jax.default_backend(),
-        "note": "variants interleaved in one process; other processes shared the machine",
+        "note": "variants interleaved in one process: compare ratios within one run",
     }
 
 

@@ -22,7 +22,7 @@ from jaxprune.train.optim import OptimizerConfig
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    """What the demo runs. The defaults take about 5 minutes on an idle 2-core x86-64 CPU (a
+    """What the demo runs. The defaults take about 3 minutes on an idle 2-core x86-64 CPU (a
     300-step baseline, 100 fine-tuning steps per pruned model); see `FULL` for the longer run.
 
     Attributes:
