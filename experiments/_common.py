@@ -104,10 +104,12 @@ def main(
     run: Callable[..., dict],
     text_table: Callable[[dict], str],
     markdown_table: Callable[[dict], str],
+    merge: Callable[[list[dict]], dict] | None = None,
 ) -> dict:
     """Runs an experiment script's command line.
 
-    With ``--report JSON`` prints ``markdown_table`` of that results file. Otherwise calls
+    With ``--report JSON [JSON ...]`` prints ``markdown_table`` of that results file (of
+    ``merge`` of several, e.g. seeds run as separate processes). Otherwise calls
     ``run(args, partial=write)``, which writes the record to ``--out`` after every row (so a run
     cut short keeps its finished rows), writes the final record, and prints ``text_table`` of it.
 
@@ -115,7 +117,11 @@ def main(
       The record read or written.
     """
     if args.report:
-        result = json.loads(Path(args.report).read_text())
+        reports = args.report if isinstance(args.report, list) else [args.report]
+        records = [json.loads(Path(path).read_text()) for path in reports]
+        if len(records) > 1 and merge is None:
+            raise SystemExit("error: this script reports one results file at a time")
+        result = merge(records) if len(records) > 1 else records[0]
         print(markdown_table(result))
         return result
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ call's time (compilation included) is recorded too.
     python experiments/bench.py --out experiments/results/2d.json
     python experiments/bench.py --models resnet56 --repeats 5
     python experiments/bench.py --tiny --out /tmp/2d_tiny.json       # smoke test (seconds)
+    python experiments/bench.py --report experiments/results/2d.json # its tables again
 """
 
 from __future__ import annotations
@@ -240,7 +241,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--oracle-models", nargs="*", default=["resnet56"])
     parser.add_argument("--oracle-batch", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke version")
+    parser.add_argument(
+        "--report", nargs="+", metavar="JSON", help="print the tables of results files and exit"
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        records = [json.loads(Path(path).read_text()) for path in args.report]
+        for record in records:
+            print_tables(record)
+        return records[0] if len(records) == 1 else {"reports": records}
     if args.tiny:
         args.repeats = 2
 

@@ -14,10 +14,11 @@ Sections (all in one JSON file):
              minor page faults per call, for ``impl="xla"``, ``"auto"`` and PyTorch eager
              channels_last, of the network and of its uniform 50%-MACs cuts with ``round_to`` 1
              and 8 (realized speed-up against the MACs speed-up).
-  malloc     the ``auto`` models again in one child process per allocator setting (the
-             environment must be set before the process starts): glibc told to keep freed memory
-             (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, one arena), and jemalloc or tcmalloc
-             preloaded where installed; images/s and page faults per step.
+  malloc     the ``auto`` models and PyTorch's again in one child process per allocator setting
+             (the environment must be set before the process starts): glibc told to keep freed
+             memory (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, one arena), and jemalloc or
+             tcmalloc preloaded where installed; images/s and page faults per step
+             (``--malloc-settings`` picks some).
 
 Timings are medians over rounds that alternate between the variants (A, B, C, A, B, C, ...), so a
 neighbour's load on a shared machine hits every variant alike; ratios within one process are the
@@ -470,9 +471,12 @@ def _settings(mode: str) -> dict:
 
 
 def _child_malloc(args, settings) -> dict:
-    """Runs the ``auto`` models in a child process per malloc configuration."""
+    """Runs the ``auto`` models and PyTorch's in a child process per malloc configuration."""
     results = {}
-    for label, env in {"default": {}, **MALLOC_CONFIGS}.items():
+    configs = {"default": {}, **MALLOC_CONFIGS}
+    chosen = args.malloc_settings.split(",") if args.malloc_settings else list(configs)
+    for label in chosen:
+        env = configs[label]
         if "LD_PRELOAD" in env and not os.path.exists(env["LD_PRELOAD"]):
             _log(f"malloc {label}: {env['LD_PRELOAD']} not installed, skipped")
             continue
@@ -554,21 +558,27 @@ def markdown_report(result: dict) -> str:
         lines.append("")
     if result.get("malloc"):
         lines += [
-            "Page faults, `auto` path, one child process per malloc setting:",
+            "Page faults, `auto` path (and PyTorch where it ran), one child process per malloc"
+            " setting:",
             "",
-            "| malloc environment | network | train img/s | faults/step | infer img/s"
-            " | faults/call |",
-            "|---|---|---|---|---|---|",
+            "| malloc environment | network | conv | train img/s | vs torch | faults/step"
+            " | infer img/s | vs torch | faults/call |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for label, child in result["malloc"].items():
             env = " ".join(f"{k}={v}" for k, v in child["env"].items()) or "(glibc defaults)"
             for model, entry in child["models"].items():
-                t, i = entry["train/auto"], entry["infer/auto"]
-                lines.append(
-                    f"| {label}: {env} | {model} | {t['images_per_s']:.1f} | "
-                    f"{t['minflt_per_call']:.0f} | {i['images_per_s']:.1f} | "
-                    f"{i['minflt_per_call']:.0f} |"
-                )
+                for impl in ("auto", "torch"):
+                    if f"train/{impl}" not in entry:
+                        continue
+                    cells = []
+                    for mode in ("train", "infer"):
+                        v = entry[f"{mode}/{impl}"]
+                        vs = f"{v['vs_torch']:.2f}" if "vs_torch" in v else "-"
+                        cells += [f"{v['images_per_s']:.1f}", vs, f"{v['minflt_per_call']:.0f}"]
+                    lines.append(
+                        f"| {label}: {env} | {model} | {impl} | " + " | ".join(cells) + " |"
+                    )
     return "\n".join(lines)
 
 
@@ -586,8 +596,17 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--report", metavar="JSON", help="print the Markdown tables of a results file"
     )
+    parser.add_argument(
+        "--malloc-settings",
+        help="comma-separated settings of the malloc section (default: all): "
+        + ",".join(["default", *MALLOC_CONFIGS]),
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: malloc child process
     args = parser.parse_args(argv)
+    valid = ["default", *MALLOC_CONFIGS]
+    unknown = set(filter(None, (args.malloc_settings or "").split(","))) - set(valid)
+    if unknown:
+        parser.error(f"unknown --malloc-settings {sorted(unknown)}; valid: {', '.join(valid)}")
     if args.report:
         with open(args.report) as f:
             result = json.load(f)
@@ -599,7 +618,7 @@ def main(argv=None) -> dict:
     if args.child:
         models = bench_models(
             s["models"], s["batch"], s["infer_batch"], s["rounds"], s["min_round_s"],
-            impls=("auto",), with_torch=False, prune=False,
+            impls=("auto",), with_torch=True, prune=False,
         )  # fmt: skip
         with open(args.child, "w") as f:
             json.dump(models, f)

@@ -76,7 +76,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--score-batches", type=int, default=8, help="batches the data criteria see")
     p.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
     p.add_argument("--out", default="results.json")
-    p.add_argument("--report", metavar="JSON", help="print a Markdown table of a results file")
+    p.add_argument(
+        "--report",
+        nargs="+",
+        metavar="JSON",
+        help="print a Markdown table of results files (runs of several files are pooled)",
+    )
     p.add_argument(
         "--tiny",
         action="store_true",
@@ -277,9 +282,28 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines + [_MARKDOWN_ROW.format(**_cells(s)) for s in rows])
 
 
+def merge_records(records: list[dict]) -> dict:
+    """One record of several runs' records (e.g. one process per seed): their baselines and runs
+    pooled, the summary recomputed; settings, machine and date of the first, wall time summed."""
+    baselines = [b for r in records for b in r["baselines"]]
+    runs = [row for r in records for row in r["runs"]]
+    return {
+        **records[0],
+        "complete": all(r["complete"] for r in records),
+        "wall_s": sum(r["wall_s"] for r in records),
+        "baselines": baselines,
+        "runs": runs,
+        "summary": summarize(runs, baselines),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     return _common.main(
-        parse_args(argv), run, lambda result: format_table(result["summary"]), markdown_table
+        parse_args(argv),
+        run,
+        lambda result: format_table(result["summary"]),
+        markdown_table,
+        merge=merge_records,
     )
 
 

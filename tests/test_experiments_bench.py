@@ -92,6 +92,7 @@ def test_bench_structure_and_speedups(tmp_path):
     assert model["gfi_pass"]["per_train_step"] > 0
     assert model["oracle"]["seconds_one_call"] > 0
     assert model["oracle"]["channels"] == sum(model["variants"]["original"]["widths"].values())
+    assert load_script("bench").main(["--report", str(out)]) == record
 
 
 def test_bench_cpu_tiny(tmp_path):
@@ -129,3 +130,25 @@ def test_bench_cpu_tiny(tmp_path):
     for name in record["models"]:
         assert f"**{name}**" in report
     assert report.count("| pruned_r8 | auto |") == len(record["models"])
+
+
+def test_bench_cpu_malloc_children_run_both_frameworks(tmp_path):
+    """The malloc section: one child process per chosen allocator setting, jaxprune's ``auto``
+    models and PyTorch's (when installed) in each; unknown settings are refused by name."""
+    script = load_script("bench_cpu")
+    with pytest.raises(SystemExit) as refused:
+        script.main(["--mode", "tiny", "--malloc-settings", "default,bogus", "--out", "x.json"])
+    assert refused.value.code == 2
+    out = tmp_path / "malloc.json"
+    argv = ["--mode", "tiny", "--skip", "conv_ops,models", "--malloc-settings", "default"]
+    record = script.main([*argv, "--out", str(out)])
+    assert list(record["malloc"]) == ["default"]
+    impls = ["auto", "torch"] if script.torch is not None else ["auto"]
+    for entry in record["malloc"]["default"]["models"].values():
+        for impl in impls:
+            for mode in ("train", "infer"):
+                assert entry[f"{mode}/{impl}"]["images_per_s"] > 0
+    report = script.markdown_report(record)
+    assert report.count("| default: (glibc defaults) |") == len(impls) * len(
+        record["malloc"]["default"]["models"]
+    )

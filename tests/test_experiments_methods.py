@@ -64,6 +64,22 @@ def test_compare_methods_tiny(tmp_path):
     assert len(result["summary"]) == 1 + len(methods) * len(ratios)
     assert "gfi_gradient" in script.format_table(result["summary"])
 
+    # --report pools the runs of several files (e.g. one process per seed) into one summary.
+    other = json.loads(out.read_text())
+    for row in (*other["baselines"], *other["runs"]):
+        row["seed"] = 1
+        row["accuracy"] = 1.0 - row["accuracy"]  # so the pooled std is not zero
+    other_path = tmp_path / "2a_seed1.json"
+    other_path.write_text(json.dumps(other))
+    pooled = script.main(["--report", str(out), str(other_path)])
+    assert len(pooled["baselines"]) == 2 and len(pooled["runs"]) == 2 * len(result["runs"])
+    assert [s["num_seeds"] for s in pooled["summary"]] == [2] * len(result["summary"])
+    for s in pooled["summary"]:
+        assert s["accuracy_mean"] == pytest.approx(0.5)
+    with pytest.raises(SystemExit) as refused:  # a script that reports one file at a time
+        load_script("fsabp_lenet").main(["--report", str(out), str(other_path)])
+    assert refused.value.code == 2
+
 
 @pytest.mark.parametrize("macs_ratio", [0.7, 0.4])
 def test_compare_methods_every_method_meets_the_budget(macs_ratio):

@@ -94,9 +94,12 @@ print(jaxprune.ops.xla_cpu.ynn_convolutions_off(), float(jax.jit(kernel_grad)(x,
 
 
 def test_import_sets_the_flag_in_a_fresh_process_and_xla_accepts_it():
-    # XLA aborts the process on a flag it does not know: this runs a convolution under it.
+    # XLA aborts the process on a flag it does not know: this runs a convolution under it. On a
+    # jaxlib the flag was not measured with, import leaves XLA_FLAGS alone.
     opted_out = _fresh_process(PROBE, **{xla_cpu.OPT_OUT_ENV: "0"})
-    assert _fresh_process(PROBE) == ["True", opted_out[1], FLAG]
+    tested = xla_cpu._jaxlib_major_minor() in xla_cpu.TESTED_JAXLIB
+    expected = ["True", opted_out[1], FLAG] if tested else ["False", opted_out[1], "-"]
+    assert _fresh_process(PROBE) == expected
     assert opted_out == ["False", opted_out[1], "-"]
 
 
@@ -141,6 +144,7 @@ def _largest_fusion(arch):
     return max(len(re.findall(r"%[\w.-]+", operands)) for operands in fusions)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="materialize acts on XLA:CPU only")
 def test_resnet_backward_reads_the_residual_stream_instead_of_recomputing_it(monkeypatch):
     # ResNet-56's graph (9 blocks a stage) at widths 4/8/16 (fusion choices depend on the graph,
     # not on the widths). Without materialize each backward fusion gathers its stage's stream so
@@ -155,4 +159,6 @@ def test_resnet_backward_reads_the_residual_stream_instead_of_recomputing_it(mon
     with_materialize = _largest_fusion(arch)
     monkeypatch.setattr(resnet, "materialize", lambda x: x)
     without = _largest_fusion(arch)
-    assert with_materialize <= 16 and without >= 40, (with_materialize, without)
+    assert with_materialize <= 16, (with_materialize, without)
+    if xla_cpu._jaxlib_major_minor() in xla_cpu.TESTED_JAXLIB:  # the XLA behaviour it works around
+        assert without >= 40, (with_materialize, without)
