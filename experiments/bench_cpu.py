@@ -15,10 +15,11 @@ Sections (all in one JSON file):
              channels_last, of the network and of its uniform 50%-MACs cuts with ``round_to`` 1
              and 8 (realized speed-up against the MACs speed-up).
   malloc     the ``auto`` models and PyTorch's again in one child process per allocator setting
-             (the environment must be set before the process starts): glibc told to keep freed
-             memory (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, one arena), and jemalloc or
-             tcmalloc preloaded where installed; images/s and page faults per step
-             (``--malloc-settings`` picks some).
+             (the environment must be set before the process starts): glibc's defaults
+             (``JAXPRUNE_ALLOCATOR=system``), glibc as ``import jaxprune`` sets it, glibc told to
+             keep freed memory by MALLOC_* variables, and jemalloc or tcmalloc preloaded where
+             installed; images/s and page faults per step (``--malloc-settings`` picks some).
+             The other sections run with the allocator ``import jaxprune`` leaves (``meta``).
 
 Timings are medians over rounds that alternate between the variants (A, B, C, A, B, C, ...), so a
 neighbour's load on a shared machine hits every variant alike; ratios within one process are the
@@ -60,6 +61,8 @@ MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_":
 MALLOC_KEEP_32M = {**MALLOC_KEEP, "MALLOC_MMAP_THRESHOLD_": "33554432"}
 _LIBDIR = "/usr/lib/x86_64-linux-gnu"
 MALLOC_CONFIGS = {
+    # What ``import jaxprune`` sets through mallopt (jaxprune.allocator): one arena, kept memory.
+    "jaxprune_import": {},
     "keep_freed": MALLOC_KEEP,
     # XLA runs on worker threads; glibc caps a thread arena's heap at 64 MiB and serves anything
     # larger with a fresh mmap whatever the threshold, so only one (main) arena keeps it all.
@@ -473,7 +476,8 @@ def _settings(mode: str) -> dict:
 def _child_malloc(args, settings) -> dict:
     """Runs the ``auto`` models and PyTorch's in a child process per malloc configuration."""
     results = {}
-    configs = {"default": {}, **MALLOC_CONFIGS}
+    # glibc's own defaults: jaxprune.allocator told to leave malloc alone.
+    configs = {"default": {jp.allocator.ALLOCATOR_ENV: "system"}, **MALLOC_CONFIGS}
     chosen = args.malloc_settings.split(",") if args.malloc_settings else list(configs)
     for label in chosen:
         env = configs[label]
@@ -483,8 +487,16 @@ def _child_malloc(args, settings) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [sys.executable, __file__, "--child", out.name, "--mode", args.mode]
             cmd += ["--models", *args.models] if args.models else []
-            subprocess.run(cmd, env={**os.environ, **env}, check=True)
-            results[label] = {"env": env, "models": json.loads(Path(out.name).read_text())}
+            # Each child gets only its setting's malloc variables on top of ours.
+            ours = {
+                k: v
+                for k, v in os.environ.items()
+                if not k.startswith("MALLOC_")
+                and k not in ("LD_PRELOAD", jp.allocator.ALLOCATOR_ENV)
+            }
+            subprocess.run(cmd, env={**ours, **env}, check=True)
+            models = json.loads(Path(out.name).read_text())
+            results[label] = {"env": env, "models": models}
     return results
 
 
@@ -499,6 +511,7 @@ def _meta() -> dict:
         "load_average_start": os.getloadavg(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "ynn_convolutions_off": xla_cpu.ynn_convolutions_off(),
+        "glibc_tuned_by_import": jp.allocator.glibc_tuned(),
         "backend": jax.default_backend(),
         "note": "variants interleaved in one process: compare ratios within one run",
     }
@@ -566,7 +579,7 @@ def markdown_report(result: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for label, child in result["malloc"].items():
-            env = " ".join(f"{k}={v}" for k, v in child["env"].items()) or "(glibc defaults)"
+            env = " ".join(f"{k}={v}" for k, v in child["env"].items()) or "(no variables)"
             for model, entry in child["models"].items():
                 for impl in ("auto", "torch"):
                     if f"train/{impl}" not in entry:

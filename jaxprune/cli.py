@@ -20,6 +20,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from jaxprune import checkpoint, data, pipeline
+from jaxprune.allocator import ALLOCATOR_ENV
 from jaxprune.train import loop, optim, parallel
 from jaxprune.train.step import ComputeDtype
 
@@ -373,9 +374,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 # glibc's malloc returns XLA:CPU's large per-step buffers to the kernel and maps them fresh on
 # the next step (hundreds of thousands of minor page faults per CIFAR ResNet-56 train step);
-# tcmalloc keeps them: ResNet-56 trains 26-53% faster (RESULTS.md section 3). It must be loaded
-# before the process starts, so the console script re-executes itself once with it preloaded.
-ALLOCATOR_ENV = "JAXPRUNE_ALLOCATOR"
+# tcmalloc keeps them: ResNet-56 trains 26-53% faster (RESULTS.md section 3), a little faster
+# than glibc as `jaxprune.allocator` sets it. It must be loaded before the process starts, so
+# the console script re-executes itself once with it preloaded.
 
 
 def preload_environ(environ: Mapping[str, str], library: str | None) -> dict[str, str] | None:

@@ -149,6 +149,6 @@ def test_bench_cpu_malloc_children_run_both_frameworks(tmp_path):
             for mode in ("train", "infer"):
                 assert entry[f"{mode}/{impl}"]["images_per_s"] > 0
     report = script.markdown_report(record)
-    assert report.count("| default: (glibc defaults) |") == len(impls) * len(
+    assert report.count("| default: JAXPRUNE_ALLOCATOR=system |") == len(impls) * len(
         record["malloc"]["default"]["models"]
     )
