@@ -12,10 +12,15 @@ MALLOC_TRIM_THRESHOLD_=2147483647``. The price is memory: freed memory stays wit
 reuse instead of going back to the system. It does nothing when ``JAXPRUNE_ALLOCATOR=system``,
 when the user set any ``MALLOC_*`` variable or a ``glibc.malloc`` tunable (theirs are kept), when
 another allocator is preloaded (the ``jaxprune`` command runs under tcmalloc, which keeps freed
-memory itself), or when the C library is not glibc. Only the speed changes, never a result.
+memory itself), when the C library is not glibc, or when JAX will compute on an accelerator
+(``JAX_PLATFORMS`` names another platform first, or, unset, a GPU/TPU plugin is installed): there
+the step's buffers live on the device, and one arena could slow a threaded input pipeline on the
+host. Only the speed changes, never a result.
 """
 
 import ctypes
+import importlib.metadata
+import importlib.util
 import os
 import platform
 from collections.abc import Mapping
@@ -45,10 +50,24 @@ def other_allocator_preloaded(environ: Mapping[str, str]) -> bool:
     return any("malloc" in os.path.basename(path) for path in preloaded if path)
 
 
-def should_tune_glibc(environ: Mapping[str, str], libc_name: str) -> bool:
-    """Whether `configure` sets `GLIBC_SETTINGS`, given the environment and the C library's name
-    (``platform.libc_ver()[0]``: ``"glibc"`` on glibc systems)."""
+def accelerator_plugin_installed() -> bool:
+    """Whether JAX can find a GPU or TPU backend: a ``jax_plugins`` entry point or libtpu."""
+    plugins = importlib.metadata.entry_points(group="jax_plugins")
+    return bool(plugins) or importlib.util.find_spec("libtpu") is not None
+
+
+def should_tune_glibc(
+    environ: Mapping[str, str], libc_name: str, accelerator_installed: bool
+) -> bool:
+    """Whether `configure` sets `GLIBC_SETTINGS`, given the environment, the C library's name
+    (``platform.libc_ver()[0]``: ``"glibc"`` on glibc systems) and whether a GPU/TPU plugin is
+    installed (`accelerator_plugin_installed`)."""
     if libc_name != "glibc" or environ.get(ALLOCATOR_ENV) == "system":
+        return False
+    platforms = environ.get("JAX_PLATFORMS", "")
+    if platforms.split(",")[0].strip() not in ("cpu", "") or (
+        not platforms and accelerator_installed
+    ):
         return False
     users_own = any(key.startswith("MALLOC_") for key in environ)
     users_own |= "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
@@ -59,7 +78,10 @@ def configure(environ: Mapping[str, str] | None = None) -> bool:
     """Applies `GLIBC_SETTINGS` to this process's malloc if `should_tune_glibc`; returns whether
     they are in effect. Call before XLA starts its threads (``import jaxprune`` does)."""
     environ = os.environ if environ is None else environ
-    if not _state["glibc_tuned"] and should_tune_glibc(environ, platform.libc_ver()[0]):
+    libc_name = platform.libc_ver()[0]
+    if not _state["glibc_tuned"] and should_tune_glibc(
+        environ, libc_name, libc_name == "glibc" and accelerator_plugin_installed()
+    ):
         mallopt = ctypes.CDLL(None).mallopt
         mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
         # mallopt returns 1 on success; a refused setting leaves glibc's default for it.

@@ -15,6 +15,9 @@ from jaxprune import allocator
     "environ, libc, tuned",
     [
         ({}, "glibc", True),
+        ({"JAX_PLATFORMS": "cpu"}, "glibc", True),
+        ({"JAX_PLATFORMS": "cuda,cpu"}, "glibc", False),  # the step's buffers live on the GPU
+        ({"JAX_PLATFORMS": "tpu"}, "glibc", False),
         ({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}, "glibc", True),
         ({"LD_PRELOAD": "/usr/lib/libfoo.so"}, "glibc", True),  # not an allocator
         ({}, "", False),  # musl or unknown: mallopt's parameters may differ
@@ -27,7 +30,13 @@ from jaxprune import allocator
     ],
 )
 def test_when_glibc_is_tuned(environ, libc, tuned):
-    assert allocator.should_tune_glibc(environ, libc) is tuned
+    assert allocator.should_tune_glibc(environ, libc, accelerator_installed=False) is tuned
+
+
+@pytest.mark.parametrize("platforms, tuned", [(None, False), ("cpu", True), ("cuda", False)])
+def test_an_installed_accelerator_leaves_malloc_alone_unless_jax_is_told_cpu(platforms, tuned):
+    environ = {} if platforms is None else {"JAX_PLATFORMS": platforms}
+    assert allocator.should_tune_glibc(environ, "glibc", accelerator_installed=True) is tuned
 
 
 # A narrow ResNet-20 gradient at batch 64: XLA's threads free and re-allocate ~1 MiB buffers;
@@ -64,7 +73,7 @@ def _probe(**env) -> tuple[str, int]:
     }
     out = subprocess.run(
         [sys.executable, "-c", PROBE],
-        env={**inherited, **env},
+        env={**inherited, "JAX_PLATFORMS": "cpu", **env},  # CPU also where a GPU is installed
         capture_output=True,
         text=True,
         check=True,
