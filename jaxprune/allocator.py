@@ -2,8 +2,8 @@
 
 With glibc's defaults, XLA:CPU's worker threads allocate their large buffers in per-thread arenas,
 which hand freed memory back to the kernel; every train step then maps it afresh, one minor page
-fault per 4 KiB page: 233k faults per CIFAR ResNet-56 train step at batch 128, and a step 20-50%
-slower than without them (RESULTS.md section 3, allocator study). One arena, with large blocks
+fault per 4 KiB page: 233k faults per CIFAR ResNet-56 train step at batch 128; without them the
+step runs 19-44% faster (RESULTS.md section 3, allocator study). One arena, with large blocks
 served from the heap and the heap never trimmed, keeps the pages: no faults.
 
 `configure` (run when ``jaxprune`` is imported) sets that through ``mallopt`` in the running
