@@ -61,6 +61,8 @@ MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_":
 MALLOC_KEEP_32M = {**MALLOC_KEEP, "MALLOC_MMAP_THRESHOLD_": "33554432"}
 _LIBDIR = "/usr/lib/x86_64-linux-gnu"
 MALLOC_CONFIGS = {
+    # glibc's own defaults: jaxprune.allocator told to leave malloc alone.
+    "default": {jp.allocator.ALLOCATOR_ENV: "system"},
     # What ``import jaxprune`` sets through mallopt (jaxprune.allocator): one arena, kept memory.
     "jaxprune_import": {},
     "keep_freed": MALLOC_KEEP,
@@ -476,24 +478,17 @@ def _settings(mode: str) -> dict:
 def _child_malloc(args, settings) -> dict:
     """Runs the ``auto`` models and PyTorch's in a child process per malloc configuration."""
     results = {}
-    # glibc's own defaults: jaxprune.allocator told to leave malloc alone.
-    configs = {"default": {jp.allocator.ALLOCATOR_ENV: "system"}, **MALLOC_CONFIGS}
-    chosen = args.malloc_settings.split(",") if args.malloc_settings else list(configs)
+    # Each child gets only its setting's allocator variables on top of ours.
+    ours = jp.allocator.without_allocator_settings(os.environ)
+    chosen = args.malloc_settings.split(",") if args.malloc_settings else list(MALLOC_CONFIGS)
     for label in chosen:
-        env = configs[label]
+        env = MALLOC_CONFIGS[label]
         if "LD_PRELOAD" in env and not os.path.exists(env["LD_PRELOAD"]):
             _log(f"malloc {label}: {env['LD_PRELOAD']} not installed, skipped")
             continue
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [sys.executable, __file__, "--child", out.name, "--mode", args.mode]
             cmd += ["--models", *args.models] if args.models else []
-            # Each child gets only its setting's malloc variables on top of ours.
-            ours = {
-                k: v
-                for k, v in os.environ.items()
-                if not k.startswith("MALLOC_")
-                and k not in ("LD_PRELOAD", jp.allocator.ALLOCATOR_ENV)
-            }
             subprocess.run(cmd, env={**ours, **env}, check=True)
             models = json.loads(Path(out.name).read_text())
             results[label] = {"env": env, "models": models}
@@ -612,14 +607,15 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--malloc-settings",
         help="comma-separated settings of the malloc section (default: all): "
-        + ",".join(["default", *MALLOC_CONFIGS]),
+        + ",".join(MALLOC_CONFIGS),
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: malloc child process
     args = parser.parse_args(argv)
-    valid = ["default", *MALLOC_CONFIGS]
-    unknown = set(filter(None, (args.malloc_settings or "").split(","))) - set(valid)
+    unknown = set(filter(None, (args.malloc_settings or "").split(","))) - set(MALLOC_CONFIGS)
     if unknown:
-        parser.error(f"unknown --malloc-settings {sorted(unknown)}; valid: {', '.join(valid)}")
+        parser.error(
+            f"unknown --malloc-settings {sorted(unknown)}; valid: {', '.join(MALLOC_CONFIGS)}"
+        )
     if args.report:
         with open(args.report) as f:
             result = json.load(f)

@@ -56,6 +56,16 @@ def accelerator_plugin_installed() -> bool:
     return bool(plugins) or importlib.util.find_spec("libtpu") is not None
 
 
+def without_allocator_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` less everything that picks or tunes an allocator (``MALLOC_*``, ``LD_PRELOAD``,
+    ``JAXPRUNE_ALLOCATOR``): the base environment of a child process that sets its own."""
+    return {
+        k: v
+        for k, v in environ.items()
+        if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", ALLOCATOR_ENV)
+    }
+
+
 def should_tune_glibc(
     environ: Mapping[str, str], libc_name: str, accelerator_installed: bool
 ) -> bool:

@@ -66,11 +66,7 @@ print(jp.allocator.glibc_tuned(), sorted(faults)[3])
 
 
 def _probe(**env) -> tuple[str, int]:
-    inherited = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", allocator.ALLOCATOR_ENV)
-    }
+    inherited = allocator.without_allocator_settings(os.environ)
     out = subprocess.run(
         [sys.executable, "-c", PROBE],
         env={**inherited, "JAX_PLATFORMS": "cpu", **env},  # CPU also where a GPU is installed
