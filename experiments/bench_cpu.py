@@ -7,7 +7,8 @@
 Sections (all in one JSON file):
   matmul     f32 2048x2048 matmul, GFLOP/s, JAX and PyTorch.
   conv_ops   every convolution shape of CIFAR ResNet-56 and VGG-16 (batch 128): forward, input
-             gradient and kernel gradient in GFLOP/s for ``conv2d(impl="xla" | "matmul" | "auto")``
+             gradient and kernel gradient in GFLOP/s for ``conv2d(impl="xla" | "matmul" | "onednn" |
+             "auto")``
              and PyTorch (channels_last, oneDNN). ``xla`` is XLA's own convolution when ``import
              jaxprune`` could turn YNNPACK's off (``meta.ynn_convolutions_off``), else YNNPACK's.
   models     train step (SGD with momentum, batch 128) and inference (batch 256) in images/s and
@@ -45,7 +46,7 @@ import numpy as np
 import optax
 
 import jaxprune as jp
-from jaxprune.ops import xla_cpu
+from jaxprune.ops import onednn, xla_cpu
 from jaxprune.ops.conv import conv2d, conv_impl
 
 try:
@@ -55,7 +56,8 @@ try:
 except ImportError:  # PyTorch is optional: the JAX numbers are still measured
     torch = None
 
-JAX_IMPLS = ("xla", "matmul", "auto")
+# "onednn" where the system's oneDNN is there (jaxprune.ops.onednn); "auto" uses it per shape.
+JAX_IMPLS = ("xla", "matmul", "onednn", "auto") if onednn.available() else ("xla", "matmul", "auto")
 MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483648"}
 # glibc's documented maximum for the mmap threshold (32 MiB on 64-bit), for comparison.
 MALLOC_KEEP_32M = {**MALLOC_KEEP, "MALLOC_MMAP_THRESHOLD_": "33554432"}
@@ -506,6 +508,7 @@ def _meta() -> dict:
         "load_average_start": os.getloadavg(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "ynn_convolutions_off": xla_cpu.ynn_convolutions_off(),
+        "onednn": onednn.version() if onednn.available() else onednn.unavailable_reason(),
         "glibc_tuned_by_import": jp.allocator.glibc_tuned(),
         "backend": jax.default_backend(),
         "note": "variants interleaved in one process: compare ratios within one run",

@@ -1,14 +1,24 @@
 """`jaxprune.ops.conv2d`: every implementation equals `lax.conv_general_dilated` in value and
 gradients, under jit / vmap / forward-over-reverse, and the implementation switch works."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxprune.ops import conv as conv_mod
-from jaxprune.ops import xla_cpu
+from jaxprune.ops import onednn, xla_cpu
 from jaxprune.ops.conv import conv2d, conv_impl
+
+# oneDNN comes from the system (install.sh installs it); CI must have it, a developer may not.
+needs_onednn = pytest.mark.skipif(
+    not os.environ.get("CI") and not onednn.available(),
+    reason=f"oneDNN not available: {onednn.unavailable_reason()}",
+)
 
 # (batch, height, width, c_in, c_out, kernel, stride, padding): every kernel size 1/3/5/7, stride
 # 1/2, padding 0 and k//2, odd and even sizes, batch 1 and > 1 appear; not the full product.
@@ -67,12 +77,13 @@ def _reference(case):
     )
 
 
+@pytest.mark.parametrize("impl", ["matmul", pytest.param("onednn", marks=needs_onednn)])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_value_and_gradients_match_lax_conv(case):
+def test_value_and_gradients_match_lax_conv(case, impl):
     *_, stride, padding = case
     x, kernel = _inputs(case)
     want = _value_and_grads(_reference(case), x, kernel)
-    conv = jax.jit(lambda x, kernel: conv2d(x, kernel, stride, padding, impl="matmul"))
+    conv = jax.jit(lambda x, kernel: conv2d(x, kernel, stride, padding, impl=impl))
     _assert_close(_value_and_grads(conv, x, kernel), want)
 
 
@@ -126,27 +137,32 @@ def test_auto_with_xla_forward_and_rowshift_kernel_gradient(monkeypatch):
     _assert_close(_value_and_grads(conv, x, kernel), _value_and_grads(_reference(case), x, kernel))
 
 
-# "matmul" runs the im2col forms; "auto" at 2x2 pixels the im2col forward and input gradient with
-# XLA's kernel gradient (YNNPACK convolutions off, as `import jaxprune` arranges), at 16x16 XLA's.
+# "matmul" runs the im2col forms; "auto" with 40 channels or more (XLA's plan, not oneDNN's) at 2x2
+# pixels the im2col forward and input gradient with XLA's kernel gradient (YNNPACK convolutions
+# off, as `import jaxprune` arranges), at 16x16 XLA's; "onednn" oneDNN's primitives, stride 1 and 2.
 IMPL_CASES = [
     ("matmul", (2, 6, 7, 3, 4, 3, 1, 1)),
-    ("auto", (1, 2, 2, 8, 4, 3, 1, 1)),
-    ("auto", (1, 16, 16, 8, 4, 3, 1, 1)),
+    ("auto", (1, 2, 2, 40, 48, 3, 1, 1)),
+    ("auto", (1, 16, 16, 40, 48, 3, 1, 1)),
+    pytest.param("onednn", (2, 6, 7, 3, 4, 3, 1, 1), marks=needs_onednn),
+    pytest.param("onednn", (2, 9, 8, 4, 3, 3, 2, 1), marks=needs_onednn),
 ]
-IMPL_IDS = ["matmul", "auto-2px", "auto-16px"]
+IMPL_IDS = ["matmul", "auto-2px", "auto-16px", "onednn", "onednn-stride2"]
 
 
 @pytest.mark.parametrize(("impl", "case"), IMPL_CASES, ids=IMPL_IDS)
 def test_vmap_over_inputs_and_kernels(impl, case):
+    *_, stride, padding = case
     xs = jnp.stack([_inputs(case, seed)[0] for seed in range(3)])
     kernels = jnp.stack([_inputs(case, seed)[1] for seed in range(3)])
 
     def loss(conv):
-        return lambda x, kernel: jnp.sum(jnp.sin(conv(x, kernel, 1, 1)))
+        return lambda x, kernel: jnp.sum(jnp.sin(conv(x, kernel, stride, padding)))
 
     fast = loss(lambda *a: conv2d(*a, impl=impl))
     ref = loss(lambda *a: conv2d(*a, impl="xla"))
-    for in_axes in [(0, 0), (None, 0)]:
+    # (0, None): the mapped axis folds into oneDNN's batch; the others map XLA's convolution.
+    for in_axes in [(0, 0), (None, 0), (0, None)]:
         args = (xs if in_axes[0] == 0 else xs[0], kernels if in_axes[1] == 0 else kernels[0])
         got = jax.jit(jax.vmap(jax.value_and_grad(fast, argnums=(0, 1)), in_axes))(*args)
         want = jax.vmap(jax.value_and_grad(ref, argnums=(0, 1)), in_axes)(*args)
@@ -180,7 +196,7 @@ def test_forward_over_reverse_and_forward_mode(impl, case):
     _assert_close(got, want, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("impl", "case"), IMPL_CASES, ids=IMPL_IDS)
+@pytest.mark.parametrize(("impl", "case"), IMPL_CASES[:3], ids=IMPL_IDS[:3])
 def test_bfloat16(impl, case):
     *_, stride, padding = case
     x, kernel = _inputs(case, dtype=jnp.bfloat16)
@@ -191,15 +207,16 @@ def test_bfloat16(impl, case):
     _assert_close([g.astype(jnp.float32) for g in got], want, rtol=2e-2)
 
 
-def _conv_primitives(impl):
-    x, kernel = _inputs((2, 16, 16, 8, 4, 3, 1, 1))
+def _conv_primitives(impl, channels=(64, 48)):
+    """(XLA convolutions, dots, oneDNN primitives) in the gradient's jaxpr, 16x16 pixels."""
+    x, kernel = _inputs((2, 16, 16, *channels, 3, 1, 1))
 
     def loss(x, kernel):
         return jnp.sum(conv2d(x, kernel, 1, 1, impl=impl) ** 2)
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernel)
     text = str(jaxpr)
-    return text.count("conv_general_dilated"), text.count("dot_general")
+    return text.count("conv_general_dilated"), text.count("dot_general"), text.count("onednn")
 
 
 def test_switch_by_argument_context_and_environment(monkeypatch):
@@ -222,7 +239,7 @@ def test_auto_is_plain_lax_conv_off_cpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert _conv_primitives("auto")[1] == 0
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    n_conv, n_dot = _conv_primitives("auto")
+    n_conv, n_dot, _ = _conv_primitives("auto")
     assert n_dot > 0 and n_conv > 0  # XLA's forward/input gradient, a matmul kernel gradient
     monkeypatch.setitem(xla_cpu._state, "ynn_convolutions_off", True)
     assert _conv_primitives("auto")[1] == 0  # at 16x16 pixels XLA's own in every direction
@@ -237,3 +254,138 @@ def test_default_is_auto_and_the_environment_turns_it_off(monkeypatch):
     assert _conv_primitives(None)[1] > 0  # the CPU plan's matmul kernel gradient
     monkeypatch.setenv(conv_mod.ENV_VAR, "xla")
     assert _conv_primitives(None)[1] == 0
+
+
+@needs_onednn
+def test_auto_hands_narrow_and_pointwise_convolutions_to_onednn_on_cpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    # 8 -> 4 channels: oneDNN in all three directions, no XLA convolution or dot.
+    assert _conv_primitives("auto", channels=(8, 4)) == (0, 0, 3)
+    assert _conv_primitives("auto", channels=(64, 48))[2] == 0  # wide: XLA's plan
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _conv_primitives("auto", channels=(8, 4))[2] == 0  # never off CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    x, kernel = _inputs((1, 4, 4, 64, 48, 1, 1, 0))
+    jaxpr = str(jax.make_jaxpr(lambda x, k: conv2d(x, k, 1, 0, impl="auto"))(x, kernel))
+    assert "onednn" in jaxpr  # a 1x1 window, whatever the width
+    # Other dtypes keep XLA's plan under "auto" and are refused by "onednn".
+    x16, kernel16 = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    assert "onednn" not in str(jax.make_jaxpr(lambda *a: conv2d(*a, impl="auto"))(x16, kernel16))
+    with pytest.raises(TypeError, match="float32"):
+        conv2d(x16, kernel16, impl="onednn")
+
+
+@needs_onednn
+def test_onednn_second_order_stays_on_onednn():
+    case = (2, 6, 7, 3, 4, 3, 2, 1)
+    x, kernel = _inputs(case)
+
+    def loss(impl):
+        return lambda x, kernel: jnp.sum(jnp.tanh(conv2d(x, kernel, 2, 1, impl=impl)) ** 2)
+
+    def hvp(impl):  # forward-over-reverse, as the importance criteria take it
+        grad = jax.grad(loss(impl), argnums=(0, 1))
+        return lambda *primals: jax.jvp(grad, primals, (x, kernel))[1]
+
+    jaxpr = str(jax.make_jaxpr(hvp("onednn"))(x, kernel))
+    assert "onednn" in jaxpr and "conv_general_dilated" not in jaxpr
+    _assert_close(jax.jit(hvp("onednn"))(x, kernel), hvp("xla")(x, kernel), rtol=1e-4)
+    # A full Hessian (vmapped over kernel directions: XLA's convolution for the mapped kernel).
+    hessian = jax.hessian(loss("onednn"), argnums=1)
+    _assert_close([jax.jit(hessian)(x, kernel)], [jax.hessian(loss("xla"), argnums=1)(x, kernel)])
+
+
+@needs_onednn
+def test_onednn_eagerly_and_its_cpu_lowering_is_the_ffi_call():
+    case = (2, 6, 6, 4, 6, 1, 1, 0)
+    x, kernel = _inputs(case)
+    _assert_close([conv2d(x, kernel, impl="onednn")], [_reference(case)(x, kernel)])
+    hlo = jax.jit(lambda x, k: conv2d(x, k, impl="onednn")).lower(x, kernel).as_text()
+    assert "jaxprune_conv_fwd" in hlo and "convolution" not in hlo
+
+
+def _run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+        timeout=300, check=False,
+    )  # fmt: skip
+
+
+def test_without_onednn_auto_falls_back_and_onednn_says_why(tmp_path):
+    code = """if True:
+        import jax, jax.numpy as jnp
+        from jaxprune.ops import conv2d, onednn
+        x, k = jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 3, 4))
+        print(onednn.available(), onednn.unavailable_reason())
+        print("onednn" in str(jax.make_jaxpr(lambda x, k: conv2d(x, k, impl="auto"))(x, k)))
+        try:
+            conv2d(x, k, impl="onednn")
+        except RuntimeError as error:
+            print(error)
+    """
+    done = _run_python(code, JAXPRUNE_ONEDNN="0", JAXPRUNE_CACHE_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "False turned off by JAXPRUNE_ONEDNN=0"
+    assert lines[1] == "False"  # "auto" runs XLA's plan
+    assert lines[2] == "conv impl 'onednn' is not available: turned off by JAXPRUNE_ONEDNN=0"
+
+
+def test_a_failed_build_leaves_no_library_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv(onednn.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails without output
+    with pytest.raises(onednn.BuildError, match="compiling conv.cc failed"):
+        onednn.build()
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(onednn.BuildError, match="no C\\+\\+ compiler"):
+        onednn.build()
+    # The cache key follows the compiler: another CXX, another library file.
+    other = onednn.library_path()
+    monkeypatch.setenv("CXX", "c++")
+    assert onednn.library_path() != other
+
+
+@needs_onednn
+def test_prebuild_command_reports_the_library(tmp_path):
+    done = _run_python(
+        "from jaxprune.ops import onednn; raise SystemExit(onednn.main([]))",
+        JAXPRUNE_CACHE_DIR=str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("jaxprune.ops.onednn: oneDNN ")
+    (library,) = tmp_path.glob("onednn-conv-*.so")
+    assert str(library) in done.stdout
+
+
+@needs_onednn
+def test_onednn_under_jit_over_eight_devices_convolves_each_devices_rows():
+    code = """if True:
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from jaxprune.ops import conv2d
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.normal(size=(16, 8, 8, 4)), jnp.float32)
+        k = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)
+        def loss(impl):
+            return lambda x, k: jnp.sum(jnp.sin(conv2d(x, k, 2, 1, impl=impl)))
+        grad = jax.jit(jax.value_and_grad(loss("onednn"), argnums=(0, 1)))
+        args = (jax.device_put(x, NamedSharding(mesh, P("data"))),
+                jax.device_put(k, NamedSharding(mesh, P())))
+        got = grad(*args)
+        want = jax.value_and_grad(loss("xla"), argnums=(0, 1))(x, k)
+        err = max(float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
+                  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+        hlo = grad.lower(*args).compile().as_text()
+        calls = [l for l in hlo.splitlines() if 'custom_call_target="jaxprune_conv' in l]
+        print(len(jax.devices()), err, "all-gather" in hlo, len(calls))
+        print(all("f32[2,8,8,4]" in l for l in calls if "conv_fwd" in l or "bwd_weights" in l))
+    """
+    done = _run_python(code, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = done.stdout.strip().splitlines()[-2:]
+    devices, err, gathers, calls = first.split()
+    assert (devices, gathers, calls) == ("8", "False", "3")
+    assert float(err) < 2e-5
+    assert second == "True"  # each call sees 2 of the 16 rows

@@ -6,7 +6,9 @@ at 2x2 to 4x4 pixels (VGG's last stages), the input gradient of strided and 1x1 
 while XLA hands convolutions to YNNPACK (see `jaxprune.ops.xla_cpu`, which turns that off on
 ``import jaxprune``), the kernel gradient. There `conv2d` writes that direction as one `jnp.dot`
 over shifted copies of the input, and keeps XLA's convolution where it is not slower. The choice
-is per direction and per shape; see `_cpu_plan`.
+is per direction and per shape; see `_cpu_plan`. Where the system's oneDNN is installed
+(`jaxprune.ops.onednn`), the CPU plan runs the convolutions with few channels or a 1x1 window,
+where XLA's kernels are slowest, on oneDNN in all three directions (`_onednn_wins`).
 
 The three directions are tied together with `jax.custom_jvp`: the tangent rule is the product rule
 ``dy = conv(dx, w) + conv(x, dw)``, each term written with the implementation that is fastest for
@@ -34,9 +36,11 @@ from jax.custom_derivatives import SymbolicZero
 
 from jaxprune.ops import xla_cpu
 
-ConvImpl = Literal["auto", "xla", "matmul"]
+ConvImpl = Literal["auto", "xla", "matmul", "onednn"]
 """``"xla"``: `lax.conv_general_dilated` in every direction. ``"matmul"``: matrix products in every
-direction (for tests and benchmarks). ``"auto"``: the per-shape CPU plan on CPU, else ``"xla"``."""
+direction (for tests and benchmarks). ``"onednn"``: oneDNN in every direction (float32 on CPU; an
+error where `jaxprune.ops.onednn` is not available). ``"auto"``: the per-shape CPU plan on CPU, else
+``"xla"``."""
 
 ENV_VAR = "JAXPRUNE_CONV_IMPL"
 # "auto": the CPU plan on CPU (measured with experiments/bench_cpu.py, RESULTS.md section 3),
@@ -51,6 +55,10 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # from 16x16 the kernel gradient, when not XLA's, uses the rowshift form.
 _IM2COL_MAX_PIXELS = 16
 _ROWSHIFT_MIN_PIXELS = 256
+# oneDNN 2.6 (AVX2) against XLA's convolution on CIFAR ResNet-56 / VGG-16 shapes (RESULTS.md
+# section 3): 1.0x to 10x faster in every direction with 3 to 32 channels on a side, and in every
+# direction of the 1x1 convolutions; from 64 channels its forward pass is 3-17% slower.
+_ONEDNN_MAX_NARROW_CHANNELS = 32
 
 
 def conv2d(
@@ -82,6 +90,12 @@ def conv2d(
     chosen = _resolve_impl(impl)
     if chosen == "xla":
         return _xla_conv(x, kernel, stride, padding)
+    if chosen == "onednn" or (chosen == "cpu_plan" and _onednn_wins(x, kernel)):
+        from jaxprune.ops import onednn  # imported on CPU only: it registers JAX primitives
+
+        if chosen == "onednn":
+            _require_onednn(x, kernel)
+        return onednn.conv_forward(x, kernel, stride, padding)
     if chosen == "matmul":
         plan = _matmul_plan(kernel.shape, stride)
     else:
@@ -95,7 +109,7 @@ def conv2d(
 _local = threading.local()
 
 
-def _resolve_impl(impl: ConvImpl | None = None) -> Literal["xla", "matmul", "cpu_plan"]:
+def _resolve_impl(impl: ConvImpl | None = None) -> Literal["xla", "matmul", "onednn", "cpu_plan"]:
     """What ``conv2d(..., impl=impl)`` traced now would run: ``"auto"`` resolved for the backend."""
     chosen = impl or getattr(_local, "impl", None) or os.environ.get(ENV_VAR, "") or DEFAULT_IMPL
     if chosen not in get_args(ConvImpl):
@@ -122,6 +136,27 @@ def conv_impl(impl: ConvImpl) -> Iterator[None]:
         yield
     finally:
         _local.impl = previous
+
+
+def _onednn_wins(x, kernel) -> bool:
+    """Whether the CPU plan hands this convolution to oneDNN: float32, the library available, and
+    at most `_ONEDNN_MAX_NARROW_CHANNELS` channels on one side or a 1x1 window."""
+    from jaxprune.ops import onednn
+
+    kh, kw, c_in, c_out = kernel.shape
+    shape_wins = min(c_in, c_out) <= _ONEDNN_MAX_NARROW_CHANNELS or kh * kw == 1
+    float32 = x.dtype == jnp.float32 and kernel.dtype == jnp.float32
+    return shape_wins and float32 and onednn.available()
+
+
+def _require_onednn(x, kernel) -> None:
+    from jaxprune.ops import onednn
+
+    if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+        raise TypeError(f"conv impl 'onednn' takes float32, got {x.dtype} and {kernel.dtype}")
+    reason = onednn.unavailable_reason()
+    if reason:
+        raise RuntimeError(f"conv impl 'onednn' is not available: {reason}")
 
 
 @dataclasses.dataclass(frozen=True)
