@@ -427,8 +427,8 @@ def _mark_as_needing_devices(primitive) -> None:
 def _ffi_lowering(direction: str):
     partitioned = _partitioned(direction)
 
-    def run(a, b, *, stride, padding, **_):
-        out_hw = _result_hw(direction, a, b, stride, padding, _)
+    def run(a, b, *, stride, padding, **shape_params):
+        out_hw = _result_hw(direction, a, b, stride, padding, shape_params)
         return partitioned(a, b, out_hw, stride, padding)
 
     return mlir.lower_fun(run, multiple_results=False)

@@ -61,16 +61,29 @@ dnnl::primitive_attr UserScratchpad() {
   return attr;
 }
 
-dnnl::convolution_forward::primitive_desc ForwardDesc(const Shape& s, const dnnl::memory::desc& x,
-                                                      const dnnl::memory::desc& y) {
-  // oneDNN's right padding makes (H + pl + pr - KH) / stride + 1 == Ho exactly.
-  const int64_t pad_r_h = (s.ho - 1) * s.stride + s.kh - s.h - s.padding;
-  const int64_t pad_r_w = (s.wo - 1) * s.stride + s.kw - s.w - s.padding;
-  dnnl::memory::desc any_w({s.o, s.c, s.kh, s.kw}, dt::f32, tag::any);
-  dnnl::convolution_forward::desc desc(
-      dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, x, any_w, y,
-      {s.stride, s.stride}, {s.padding, s.padding}, {pad_r_h, pad_r_w});
-  return dnnl::convolution_forward::primitive_desc(desc, UserScratchpad(), Engine());
+dnnl::memory::desc AnyWeights(const Shape& s) {
+  return dnnl::memory::desc({s.o, s.c, s.kh, s.kw}, dt::f32, tag::any);
+}
+
+// The descriptor arguments after the memory descriptors: strides, left and right padding. oneDNN's
+// right padding makes (H + pl + pr - KH) / stride + 1 == Ho exactly.
+struct Window {
+  dnnl::memory::dims strides, pad_l, pad_r;
+  explicit Window(const Shape& s)
+      : strides{s.stride, s.stride},
+        pad_l{s.padding, s.padding},
+        pad_r{(s.ho - 1) * s.stride + s.kh - s.h - s.padding,
+              (s.wo - 1) * s.stride + s.kw - s.w - s.padding} {}
+};
+
+// Backward data and backward weights take the same descriptor arguments.
+template <typename Primitive>
+typename Primitive::primitive_desc BackwardDesc(
+    const Shape& s, const Plan& plan, const dnnl::convolution_forward::primitive_desc& hint) {
+  Window window(s);
+  typename Primitive::desc desc(dnnl::algorithm::convolution_direct, plan.x_md, AnyWeights(s),
+                                plan.y_md, window.strides, window.pad_l, window.pad_r);
+  return typename Primitive::primitive_desc(desc, UserScratchpad(), Engine(), hint);
 }
 
 std::unique_ptr<Plan> MakePlan(const Shape& s, int direction) {
@@ -78,27 +91,22 @@ std::unique_ptr<Plan> MakePlan(const Shape& s, int direction) {
   plan->x_md = dnnl::memory::desc({s.n, s.c, s.h, s.w}, dt::f32, tag::nhwc);
   plan->y_md = dnnl::memory::desc({s.n, s.o, s.ho, s.wo}, dt::f32, tag::nhwc);
   plan->hwio_md = dnnl::memory::desc({s.o, s.c, s.kh, s.kw}, dt::f32, tag::hwio);
-  auto fwd = ForwardDesc(s, plan->x_md, plan->y_md);
-  const int64_t pad_r_h = (s.ho - 1) * s.stride + s.kh - s.h - s.padding;
-  const int64_t pad_r_w = (s.wo - 1) * s.stride + s.kw - s.w - s.padding;
-  dnnl::memory::desc any_w({s.o, s.c, s.kh, s.kw}, dt::f32, tag::any);
+  Window window(s);
+  dnnl::convolution_forward::desc fwd_desc(
+      dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, plan->x_md,
+      AnyWeights(s), plan->y_md, window.strides, window.pad_l, window.pad_r);
+  dnnl::convolution_forward::primitive_desc fwd(fwd_desc, UserScratchpad(), Engine());
   if (direction == kForward) {
     plan->kernel_md = fwd.weights_desc();
     plan->scratchpad_md = fwd.scratchpad_desc();
     plan->main = dnnl::convolution_forward(fwd);
   } else if (direction == kBackwardData) {
-    dnnl::convolution_backward_data::desc desc(
-        dnnl::algorithm::convolution_direct, plan->x_md, any_w, plan->y_md, {s.stride, s.stride},
-        {s.padding, s.padding}, {pad_r_h, pad_r_w});
-    dnnl::convolution_backward_data::primitive_desc pd(desc, UserScratchpad(), Engine(), fwd);
+    auto pd = BackwardDesc<dnnl::convolution_backward_data>(s, *plan, fwd);
     plan->kernel_md = pd.weights_desc();
     plan->scratchpad_md = pd.scratchpad_desc();
     plan->main = dnnl::convolution_backward_data(pd);
   } else {
-    dnnl::convolution_backward_weights::desc desc(
-        dnnl::algorithm::convolution_direct, plan->x_md, any_w, plan->y_md, {s.stride, s.stride},
-        {s.padding, s.padding}, {pad_r_h, pad_r_w});
-    dnnl::convolution_backward_weights::primitive_desc pd(desc, UserScratchpad(), Engine(), fwd);
+    auto pd = BackwardDesc<dnnl::convolution_backward_weights>(s, *plan, fwd);
     plan->kernel_md = pd.diff_weights_desc();
     plan->scratchpad_md = pd.scratchpad_desc();
     plan->main = dnnl::convolution_backward_weights(pd);
@@ -135,7 +143,7 @@ ffi::Error Run(const Shape& s, int direction, float* x, float* kernel, float* y)
   if (s.stride < 1 || s.padding < 0) return ffi::Error::InvalidArgument("bad stride or padding");
   try {
     Plan& plan = GetPlan(s, direction);
-    dnnl::stream stream(Engine());
+    thread_local dnnl::stream stream(Engine());
     dnnl::memory x_mem(plan.x_md, Engine(), x);
     dnnl::memory y_mem(plan.y_md, Engine(), y);
     dnnl::memory hwio_mem(plan.hwio_md, Engine(), kernel);
