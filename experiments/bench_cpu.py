@@ -56,7 +56,8 @@ try:
 except ImportError:  # PyTorch is optional: the JAX numbers are still measured
     torch = None
 
-# "onednn" where the system's oneDNN is there (jaxprune.ops.onednn); "auto" uses it per shape.
+# "onednn" (oneDNN's direct convolution) where the system's oneDNN is there (jaxprune.ops.onednn);
+# "auto" uses it per shape, and its Winograd form for the 3x3 stride-1 layers from 24 channels.
 JAX_IMPLS = ("xla", "matmul", "onednn", "auto") if onednn.available() else ("xla", "matmul", "auto")
 MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483648"}
 # glibc's documented maximum for the mmap threshold (32 MiB on 64-bit), for comparison.

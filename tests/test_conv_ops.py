@@ -19,6 +19,10 @@ needs_onednn = pytest.mark.skipif(
     not os.environ.get("CI") and not onednn.available(),
     reason=f"oneDNN not available: {onednn.unavailable_reason()}",
 )
+needs_winograd = pytest.mark.skipif(
+    not os.environ.get("CI") and not onednn.winograd_supported(),
+    reason="oneDNN's library or an AVX2 CPU is missing",
+)
 
 # (batch, height, width, c_in, c_out, kernel, stride, padding): every kernel size 1/3/5/7, stride
 # 1/2, padding 0 and k//2, odd and even sizes, batch 1 and > 1 appear; not the full product.
@@ -119,6 +123,24 @@ def test_cpu_plan_per_direction():
     assert plan((128, 32, 32, 16), (1, 1, 16, 32), 2, 0, True) == Plan("xla", "im2col", "xla")
     assert plan((128, 2, 2, 512), (3, 3, 512, 512), 1, 1, True) == Plan("im2col", "im2col", "xla")
     assert plan((128, 4, 4, 512), (3, 3, 512, 512), 1, 1, True) == Plan("im2col", "im2col", "xla")
+    # With the Winograd form: 3x3, stride 1, padding <= 2, more than 32 channels on both sides.
+    winograd = Plan("winograd", "winograd", "xla")
+    for x_shape, kernel_shape, stride, padding, want in [
+        ((128, 32, 32, 64), (3, 3, 64, 64), 1, 1, winograd),
+        ((128, 2, 2, 512), (3, 3, 512, 512), 1, 1, winograd),
+        ((128, 9, 9, 33), (3, 3, 33, 40), 1, 0, winograd),
+        ((128, 8, 8, 48), (3, 3, 48, 40), 1, 2, winograd),
+        # Narrower: from 24 channels with both counts multiples of 8, oneDNN's kernel gradient.
+        ((128, 16, 16, 32), (3, 3, 32, 64), 1, 1, Plan("winograd", "winograd", "onednn")),
+        ((128, 16, 16, 24), (3, 3, 24, 32), 1, 1, Plan("winograd", "winograd", "onednn")),
+        ((128, 16, 16, 30), (3, 3, 30, 32), 1, 1, Plan("xla", "xla", "xla")),  # oneDNN's direct
+        ((128, 32, 32, 16), (3, 3, 16, 16), 1, 1, Plan("xla", "xla", "xla")),  # oneDNN's direct
+        ((128, 32, 32, 64), (3, 3, 64, 128), 2, 1, Plan("xla", "im2col", "xla")),
+        ((128, 32, 32, 64), (5, 5, 64, 64), 1, 2, Plan("xla", "xla", "xla")),
+        ((128, 32, 32, 64), (3, 3, 64, 64), 1, 3, Plan("xla", "xla", "xla")),
+    ]:
+        got = conv_mod._cpu_plan(x_shape, kernel_shape, stride, padding, True, winograd=True)
+        assert got == want, (x_shape, kernel_shape, stride, padding)
 
 
 def test_auto_follows_the_processes_ynn_setting(monkeypatch):
@@ -137,17 +159,19 @@ def test_auto_with_xla_forward_and_rowshift_kernel_gradient(monkeypatch):
     _assert_close(_value_and_grads(conv, x, kernel), _value_and_grads(_reference(case), x, kernel))
 
 
-# "matmul" runs the im2col forms; "auto" with 40 channels or more (XLA's plan, not oneDNN's) at 2x2
-# pixels the im2col forward and input gradient with XLA's kernel gradient (YNNPACK convolutions
-# off, as `import jaxprune` arranges), at 16x16 XLA's; "onednn" oneDNN's primitives, stride 1 and 2.
+# "matmul" runs the im2col forms; "auto" with 40 channels or more the Winograd forward pass and
+# input gradient with XLA's kernel gradient (where oneDNN is not loaded: XLA's plan, at 2x2 pixels
+# its im2col forms), at 24 -> 32 channels with oneDNN's kernel gradient; "onednn" oneDNN's direct
+# primitives, stride 1 and 2.
 IMPL_CASES = [
     ("matmul", (2, 6, 7, 3, 4, 3, 1, 1)),
     ("auto", (1, 2, 2, 40, 48, 3, 1, 1)),
     ("auto", (1, 16, 16, 40, 48, 3, 1, 1)),
+    ("auto", (2, 5, 6, 24, 32, 3, 1, 1)),
     pytest.param("onednn", (2, 6, 7, 3, 4, 3, 1, 1), marks=needs_onednn),
     pytest.param("onednn", (2, 9, 8, 4, 3, 3, 2, 1), marks=needs_onednn),
 ]
-IMPL_IDS = ["matmul", "auto-2px", "auto-16px", "onednn", "onednn-stride2"]
+IMPL_IDS = ["matmul", "auto-2px", "auto-16px", "auto-24ch", "onednn", "onednn-stride2"]
 
 
 @pytest.mark.parametrize(("impl", "case"), IMPL_CASES, ids=IMPL_IDS)
@@ -239,6 +263,7 @@ def test_auto_is_plain_lax_conv_off_cpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert _conv_primitives("auto")[1] == 0
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(conv_mod, "_winograd_runs", lambda x, kernel: False)  # XLA's plan
     n_conv, n_dot, _ = _conv_primitives("auto")
     assert n_dot > 0 and n_conv > 0  # XLA's forward/input gradient, a matmul kernel gradient
     monkeypatch.setitem(xla_cpu._state, "ynn_convolutions_off", True)
@@ -261,7 +286,9 @@ def test_auto_hands_narrow_and_pointwise_convolutions_to_onednn_on_cpu(monkeypat
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     # 8 -> 4 channels: oneDNN in all three directions, no XLA convolution or dot.
     assert _conv_primitives("auto", channels=(8, 4)) == (0, 0, 3)
-    assert _conv_primitives("auto", channels=(64, 48))[2] == 0  # wide: XLA's plan
+    # 64 -> 48, 3x3: Winograd forward and input gradient, XLA's kernel gradient.
+    monkeypatch.setitem(xla_cpu._state, "ynn_convolutions_off", True)
+    assert _conv_primitives("auto", channels=(64, 48)) == (1, 0, 2)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert _conv_primitives("auto", channels=(8, 4))[2] == 0  # never off CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
@@ -358,19 +385,21 @@ def test_prebuild_command_reports_the_library(tmp_path):
     assert str(library) in done.stdout
 
 
-@needs_onednn
-def test_onednn_under_jit_over_eight_devices_convolves_each_devices_rows():
-    code = """if True:
+def _grad_over_eight_devices(impl, x_shape, kernel_shape, stride):
+    """Value and gradients of a conv2d loss under `jax.jit` over 8 CPU devices (the batch split),
+    in a subprocess: (largest error against XLA's, whether the program all-gathers, the lines
+    of its oneDNN custom calls)."""
+    code = f"""if True:
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         from jaxprune.ops import conv2d
         mesh = Mesh(np.array(jax.devices()), ("data",))
         rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.normal(size=(16, 8, 8, 4)), jnp.float32)
-        k = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)
+        x = jnp.asarray(rng.normal(size={x_shape}), jnp.float32)
+        k = jnp.asarray(rng.normal(size={kernel_shape}), jnp.float32) / 10
         def loss(impl):
-            return lambda x, k: jnp.sum(jnp.sin(conv2d(x, k, 2, 1, impl=impl)))
-        grad = jax.jit(jax.value_and_grad(loss("onednn"), argnums=(0, 1)))
+            return lambda x, k: jnp.sum(jnp.sin(conv2d(x, k, {stride}, 1, impl=impl)))
+        grad = jax.jit(jax.value_and_grad(loss("{impl}"), argnums=(0, 1)))
         args = (jax.device_put(x, NamedSharding(mesh, P("data"))),
                 jax.device_put(k, NamedSharding(mesh, P())))
         got = grad(*args)
@@ -378,14 +407,72 @@ def test_onednn_under_jit_over_eight_devices_convolves_each_devices_rows():
         err = max(float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
                   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
         hlo = grad.lower(*args).compile().as_text()
-        calls = [l for l in hlo.splitlines() if 'custom_call_target="jaxprune_conv' in l]
-        print(len(jax.devices()), err, "all-gather" in hlo, len(calls))
-        print(all("f32[2,8,8,4]" in l for l in calls if "conv_fwd" in l or "bwd_weights" in l))
+        assert len(jax.devices()) == 8
+        print(err, "all-gather" in hlo)
+        for line in hlo.splitlines():
+            if 'custom_call_target="jaxprune_conv' in line:
+                print(line)
     """
     done = _run_python(code, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     assert done.returncode == 0, done.stderr[-2000:]
-    first, second = done.stdout.strip().splitlines()[-2:]
-    devices, err, gathers, calls = first.split()
-    assert (devices, gathers, calls) == ("8", "False", "3")
-    assert float(err) < 2e-5
-    assert second == "True"  # each call sees 2 of the 16 rows
+    lines = done.stdout.strip().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.split()[-1] in ("True", "False"))
+    err, gathers = lines[first].split()
+    return float(err), gathers == "True", lines[first + 1 :]
+
+
+@needs_onednn
+def test_onednn_under_jit_over_eight_devices_convolves_each_devices_rows():
+    err, gathers, calls = _grad_over_eight_devices("onednn", (16, 8, 8, 4), (3, 3, 4, 6), 2)
+    assert err < 2e-5 and not gathers
+    assert len(calls) == 3  # forward, input gradient, kernel gradient
+    # Each call that takes x sees 2 of the 16 rows.
+    assert all("f32[2,8,8,4]" in line for line in calls if "conv_fwd" in line or "weights" in line)
+
+
+# (batch, height, width, c_in, c_out, padding) of 3x3, stride-1 convolutions: padding 0-2, odd
+# sizes, channel counts below, at and past a multiple of 8 (the AVX2 lanes and the tail), a 1x1
+# and a 2x2 output, and 578 tiles (a block of 512 and a shorter one). Multiples of 8 up to 32
+# take the library's few-channel products: 16 + 8 columns, and 578 tiles in blocks of 128.
+WINOGRAD_CASES = [
+    (2, 8, 8, 3, 4, 1),
+    (1, 7, 9, 9, 11, 0),
+    (2, 7, 8, 17, 8, 2),
+    (2, 2, 2, 8, 16, 1),
+    (3, 1, 1, 4, 4, 1),
+    (2, 34, 34, 5, 3, 1),
+    (2, 9, 7, 16, 24, 1),
+    (2, 34, 34, 8, 32, 1),
+]
+
+
+@needs_winograd
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=str)
+def test_winograd_matches_lax_conv_in_value_and_gradients(case):
+    n, h, w, c_in, c_out, padding = case
+    x, kernel = _inputs((n, h, w, c_in, c_out, 3, 1, padding))
+    conv = jax.jit(lambda x, k: onednn.conv_forward(x, k, 1, padding, winograd=True))
+    hlo = conv.lower(x, kernel).as_text()
+    assert "jaxprune_conv_fwd_winograd" in hlo
+    grad_hlo = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k)))).lower(x, kernel).as_text()
+    assert "jaxprune_conv_bwd_data_winograd" in grad_hlo
+    want = _value_and_grads(_reference((n, h, w, c_in, c_out, 3, 1, padding)), x, kernel)
+    _assert_close(_value_and_grads(conv, x, kernel), want)
+
+
+@needs_winograd
+def test_winograd_refuses_what_it_cannot_compute():
+    x, kernel = _inputs((1, 8, 8, 4, 4, 5, 1, 2))
+    with pytest.raises(ValueError, match="3x3 window, stride 1 and padding 0-2"):
+        onednn.conv_forward(x, kernel, 1, 2, winograd=True)
+    x, kernel = _inputs((1, 8, 8, 4, 4, 3, 1, 1))
+    with pytest.raises(ValueError, match="got window \\(3, 3\\), stride 2"):
+        onednn.conv_forward(x, kernel, 2, 1, winograd=True)
+
+
+@needs_winograd
+def test_winograd_under_jit_over_eight_devices_convolves_each_devices_rows():
+    err, gathers, calls = _grad_over_eight_devices("auto", (16, 6, 6, 40), (3, 3, 40, 36), 1)
+    assert err < 2e-5 and not gathers
+    assert len(calls) == 2  # Winograd's forward and input gradient; XLA's kernel gradient
+    assert all("winograd" in line and "f32[2,6,6," in line for line in calls)

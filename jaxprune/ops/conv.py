@@ -8,7 +8,10 @@ while XLA hands convolutions to YNNPACK (see `jaxprune.ops.xla_cpu`, which turns
 over shifted copies of the input, and keeps XLA's convolution where it is not slower. The choice
 is per direction and per shape; see `_cpu_plan`. Where the system's oneDNN is installed
 (`jaxprune.ops.onednn`), the CPU plan runs the convolutions with few channels or a 1x1 window,
-where XLA's kernels are slowest, on oneDNN in all three directions (`_onednn_wins`).
+where XLA's kernels are slowest, on oneDNN in all three directions (`_onednn_wins`), and the
+forward pass and input gradient of the 3x3, stride-1 ones from 24 channels by Winograd's
+F(2x2, 3x3) algorithm (2.25x fewer multiplications; `jaxprune.ops.onednn`), keeping a direct
+kernel gradient.
 
 The three directions are tied together with `jax.custom_jvp`: the tangent rule is the product rule
 ``dy = conv(dx, w) + conv(x, dw)``, each term written with the implementation that is fastest for
@@ -59,6 +62,12 @@ _ROWSHIFT_MIN_PIXELS = 256
 # section 3): 1.0x to 10x faster in every direction with 3 to 32 channels on a side, and in every
 # direction of the 1x1 convolutions; from 64 channels its forward pass is 3-17% slower.
 _ONEDNN_MAX_NARROW_CHANNELS = 32
+# 3x3 stride-1 layers with more channels than that, or from 24 channels when both counts are
+# multiples of 8 (oneDNN's library then runs its own few-channel products), run their forward pass
+# and input gradient by Winograd's F(2x2, 3x3): 1.4x-1.5x the speed of oneDNN's direct convolution
+# at 32 channels, 1.5x-2.3x of XLA's at 64-512 (RESULTS.md section 3); at 16 channels it was not
+# faster than oneDNN's direct convolution.
+_WINOGRAD_MIN_CHANNELS = 24
 
 
 def conv2d(
@@ -90,17 +99,18 @@ def conv2d(
     chosen = _resolve_impl(impl)
     if chosen == "xla":
         return _xla_conv(x, kernel, stride, padding)
-    if chosen == "onednn" or (chosen == "cpu_plan" and _onednn_wins(x, kernel)):
-        from jaxprune.ops import onednn  # imported on CPU only: it registers JAX primitives
-
-        if chosen == "onednn":
-            _require_onednn(x, kernel)
-        return onednn.conv_forward(x, kernel, stride, padding)
     if chosen == "matmul":
-        plan = _matmul_plan(kernel.shape, stride)
-    else:
-        plan = _cpu_plan(x.shape, kernel.shape, stride, padding)
-    return _conv(x, kernel, stride, padding, plan)
+        return _conv(x, kernel, stride, padding, _matmul_plan(kernel.shape, stride))
+    if chosen == "cpu_plan":
+        winograd = _winograd_runs(x, kernel)
+        plan = _cpu_plan(x.shape, kernel.shape, stride, padding, winograd=winograd)
+        if plan.forward == "winograd" or not _onednn_wins(x, kernel):
+            return _conv(x, kernel, stride, padding, plan)
+    from jaxprune.ops import onednn  # imported on CPU only: it registers JAX primitives
+
+    if chosen == "onednn":
+        _require_onednn(x, kernel)
+    return onednn.conv_forward(x, kernel, stride, padding)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,6 +159,15 @@ def _onednn_wins(x, kernel) -> bool:
     return shape_wins and float32 and onednn.available()
 
 
+def _winograd_runs(x, kernel) -> bool:
+    """Whether this process can run the Winograd form on these operands: float32, oneDNN's library
+    loaded, and a CPU with AVX2."""
+    from jaxprune.ops import onednn
+
+    float32 = x.dtype == jnp.float32 and kernel.dtype == jnp.float32
+    return float32 and onednn.winograd_supported()
+
+
 def _require_onednn(x, kernel) -> None:
     from jaxprune.ops import onednn
 
@@ -162,11 +181,13 @@ def _require_onednn(x, kernel) -> None:
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """How each direction is computed. ``im2col``: one dot over all kh*kw shifted copies;
-    ``rowshift``: one dot over kw column shifts, the kh row shifts moved to the other operand."""
+    ``rowshift``: one dot over kw column shifts, the kh row shifts moved to the other operand;
+    ``winograd``: Winograd's F(2x2, 3x3) through `jaxprune.ops.onednn` (3x3, stride 1);
+    ``onednn``: oneDNN's direct kernel gradient."""
 
-    forward: Literal["xla", "im2col"]
-    input_grad: Literal["xla", "im2col"]
-    kernel_grad: Literal["xla", "im2col", "rowshift"]
+    forward: Literal["xla", "im2col", "winograd"]
+    input_grad: Literal["xla", "im2col", "winograd"]
+    kernel_grad: Literal["xla", "im2col", "rowshift", "onednn"]
 
 
 def _matmul_plan(kernel_shape, stride: int) -> _Plan:
@@ -176,7 +197,12 @@ def _matmul_plan(kernel_shape, stride: int) -> _Plan:
 
 
 def _cpu_plan(
-    x_shape, kernel_shape, stride: int, padding: int, ynn_off: bool | None = None
+    x_shape,
+    kernel_shape,
+    stride: int,
+    padding: int,
+    ynn_off: bool | None = None,
+    winograd: bool = False,
 ) -> _Plan:
     """Fastest combination per direction on XLA:CPU, from CIFAR ResNet-56 / VGG-16 measurements.
 
@@ -187,10 +213,15 @@ def _cpu_plan(
     strided and 1x1 ones are 1.3x-2.8x faster as dots). The kernel gradient is XLA's own when
     YNNPACK convolutions are off (1.4x-4x faster than the dots), else a dot (YNNPACK's kernel
     gradient is 2x-10x slower than them).
+
+    ``winograd``: whether the Winograd form can run (`_winograd_runs`); if so, it computes the
+    forward pass and input gradient of 3x3, stride-1 convolutions with padding up to 2 and more
+    than `_ONEDNN_MAX_NARROW_CHANNELS` channels on both sides, or from `_WINOGRAD_MIN_CHANNELS`
+    when both counts are multiples of 8; the kernel gradient of those narrow ones is oneDNN's.
     """
     if ynn_off is None:
         ynn_off = xla_cpu.ynn_convolutions_off()
-    kh, kw, c_in, _ = kernel_shape
+    kh, kw, c_in, c_out = kernel_shape
     pixels = _out_size(x_shape[1], kh, stride, padding) * _out_size(x_shape[2], kw, stride, padding)
     small = pixels <= _IM2COL_MAX_PIXELS
     windowed = stride == 1 and kh * kw > 1
@@ -200,6 +231,10 @@ def _cpu_plan(
         kernel_grad = "rowshift"
     else:
         kernel_grad = "im2col"
+    wide = min(c_in, c_out) > _ONEDNN_MAX_NARROW_CHANNELS
+    lanes = c_in % 8 == 0 and c_out % 8 == 0 and min(c_in, c_out) >= _WINOGRAD_MIN_CHANNELS
+    if winograd and (wide or lanes) and (kh, kw) == (3, 3) and stride == 1 and 0 <= padding <= 2:
+        return _Plan("winograd", "winograd", kernel_grad if wide else "onednn")
     return _Plan(
         forward="im2col" if small else "xla",
         input_grad="xla" if windowed and not small else "im2col",
@@ -236,6 +271,10 @@ _conv.defjvp(_conv_jvp, symbolic_zeros=True)
 def _forward(x, kernel, stride, padding, how):
     if how == "xla":
         return _xla_conv(x, kernel, stride, padding)
+    if how == "winograd":
+        from jaxprune.ops import onednn
+
+        return onednn.conv_forward(x, kernel, stride, padding, winograd=True)
     return _im2col_conv(x, kernel, stride, padding)
 
 
@@ -247,6 +286,10 @@ def _kernel_linear(x, kernel, stride, padding, how):
         return _xla_conv(x, kernel, stride, padding)
     if how == "rowshift":
         return _rowshift_conv(x, kernel, padding)
+    if how == "onednn":
+        from jaxprune.ops import onednn
+
+        return onednn.conv_forward(x, kernel, stride, padding)
     return _im2col_conv(x, kernel, stride, padding)
 
 

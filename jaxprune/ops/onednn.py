@@ -10,6 +10,11 @@ libdnnl-dev``) and exposes the three directions of an NHWC/HWIO float32 convolut
   ``conv_backward_data_p``    (dy[N,Ho,Wo,O], w)          -> dx[N,H,W,C]
   ``conv_backward_weights_p`` (x, dy)                     -> dw[kh,kw,C,O]
 
+The forward and input-gradient primitives take ``winograd=True`` for 3x3 windows at stride 1
+(padding 0-2): then they run Winograd's F(2x2, 3x3) algorithm, 16 matrix products on transformed
+2x2 output tiles (2.25x fewer multiplications than the direct convolution; AVX2 CPUs,
+`winograd_supported`), equal to the direct form to float32 rounding (tested).
+
 Each is bilinear in its two operands, and its transposes are the other two, so `jax.grad`,
 `jax.jvp`, `jax.linearize` and their compositions (Hessian-vector products) stay on oneDNN to any
 order. `jax.vmap` folds a mapped batch axis into N where that is exact (an unmapped kernel) and
@@ -41,10 +46,12 @@ from jax.interpreters import ad, batching, mlir
 ENV_VAR = "JAXPRUNE_ONEDNN"
 CACHE_ENV_VAR = "JAXPRUNE_CACHE_DIR"
 SOURCE = Path(__file__).with_name("_onednn") / "conv.cc"
-_TARGETS = {
-    "forward": "jaxprune_conv_fwd",
-    "backward_data": "jaxprune_conv_bwd_data",
-    "backward_weights": "jaxprune_conv_bwd_weights",
+_TARGETS = {  # (direction, winograd) -> the FFI handler
+    ("forward", False): "jaxprune_conv_fwd",
+    ("backward_data", False): "jaxprune_conv_bwd_data",
+    ("backward_weights", False): "jaxprune_conv_bwd_weights",
+    ("forward", True): "jaxprune_conv_fwd_winograd",
+    ("backward_data", True): "jaxprune_conv_bwd_data_winograd",
 }
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -69,7 +76,7 @@ def cache_dir() -> Path:
 def _compile_command(output: Path) -> list[str]:
     compiler = shlex.split(os.environ.get("CXX", "c++"))
     return [
-        *compiler, "-O2", "-std=c++17", "-shared", "-fPIC",
+        *compiler, "-O2", "-std=c++20", "-fopenmp", "-shared", "-fPIC",
         "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(output), "-ldnnl",
     ]  # fmt: skip
 
@@ -159,6 +166,11 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def winograd_supported() -> bool:
+    """Whether the library is loaded and this CPU runs its Winograd form (it needs AVX2 and FMA)."""
+    return available() and bool(load().jaxprune_winograd_supported())
+
+
 def version() -> str:
     """oneDNN's version as the loaded library reports it, e.g. ``"2.6.3"``."""
     return load().jaxprune_onednn_version().decode()
@@ -172,16 +184,30 @@ def _out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
 
-def conv_forward(x, kernel, stride: int, padding: int):
-    """y = x (*) kernel; f32[N,H,W,C], f32[kh,kw,C,O] -> f32[N,Ho,Wo,O]."""
-    return conv_forward_p.bind(x, kernel, stride=int(stride), padding=int(padding))
+def conv_forward(x, kernel, stride: int, padding: int, winograd: bool = False):
+    """y = x (*) kernel; f32[N,H,W,C], f32[kh,kw,C,O] -> f32[N,Ho,Wo,O].
+
+    ``winograd``: by Winograd's F(2x2, 3x3) algorithm (2.25x fewer multiplications; 3x3 windows,
+    stride 1, padding 0-2, where `winograd_supported`), its input gradient too; else oneDNN's
+    direct convolution."""
+    return conv_forward_p.bind(
+        x, kernel, stride=int(stride), padding=int(padding), winograd=bool(winograd)
+    )
 
 
-def conv_backward_data(dy, kernel, stride: int, padding: int, in_hw: tuple[int, int]):
+def conv_backward_data(
+    dy, kernel, stride: int, padding: int, in_hw: tuple[int, int], winograd: bool = False
+):
     """The input gradient: the transpose of `conv_forward` in x, for inputs of size ``in_hw``."""
     return conv_backward_data_p.bind(
-        dy, kernel, stride=int(stride), padding=int(padding), in_hw=tuple(map(int, in_hw))
-    )
+        dy, kernel, stride=int(stride), padding=int(padding), in_hw=tuple(map(int, in_hw)),
+        winograd=bool(winograd),
+    )  # fmt: skip
+
+
+def winograd_applies(kernel_shape, stride: int, padding: int) -> bool:
+    """Whether the Winograd form computes this convolution: a 3x3 window, stride 1, padding 0-2."""
+    return tuple(kernel_shape[:2]) == (3, 3) and stride == 1 and 0 <= padding <= 2
 
 
 def conv_backward_weights(x, dy, stride: int, padding: int, kernel_hw: tuple[int, int]):
@@ -208,16 +234,26 @@ def _check_operands(name, a, b):
         raise TypeError(f"{name}: oneDNN convolutions take float32, got {a.dtype} and {b.dtype}")
 
 
-def _forward_abstract(x, kernel, *, stride, padding):
+def _check_winograd(name, kernel_shape, stride, padding, winograd):
+    if winograd and not winograd_applies(kernel_shape, stride, padding):
+        raise ValueError(
+            f"{name}: the Winograd form takes a 3x3 window, stride 1 and padding 0-2; got "
+            f"window {tuple(kernel_shape[:2])}, stride {stride}, padding {padding}"
+        )
+
+
+def _forward_abstract(x, kernel, *, stride, padding, winograd):
     _check_operands("conv_forward", x, kernel)
+    _check_winograd("conv_forward", kernel.shape, stride, padding, winograd)
     n, h, w, _ = x.shape
     kh, kw, _, o = kernel.shape
     shape = (n, _out_size(h, kh, stride, padding), _out_size(w, kw, stride, padding), o)
     return jax.core.ShapedArray(shape, x.dtype)
 
 
-def _backward_data_abstract(dy, kernel, *, stride, padding, in_hw):
+def _backward_data_abstract(dy, kernel, *, stride, padding, in_hw, winograd):
     _check_operands("conv_backward_data", dy, kernel)
+    _check_winograd("conv_backward_data", kernel.shape, stride, padding, winograd)
     return jax.core.ShapedArray((dy.shape[0], *in_hw, kernel.shape[2]), dy.dtype)
 
 
@@ -249,14 +285,14 @@ for _primitive, _rule in [
 # the library), the batching rule's fallback, and the reference the tests compare against.
 
 
-def xla_forward(x, kernel, *, stride, padding):
+def xla_forward(x, kernel, *, stride, padding, winograd=False):
     return lax.conv_general_dilated(
         x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
         dimension_numbers=_DIMENSION_NUMBERS,
     )  # fmt: skip
 
 
-def xla_backward_data(dy, kernel, *, stride, padding, in_hw):
+def xla_backward_data(dy, kernel, *, stride, padding, in_hw, winograd=False):
     x_aval = jax.ShapeDtypeStruct((dy.shape[0], *in_hw, kernel.shape[2]), dy.dtype)
     forward = functools.partial(xla_forward, kernel=kernel, stride=stride, padding=padding)
     return jax.linear_transpose(forward, x_aval)(dy)[0]
@@ -283,19 +319,19 @@ def _hw(aval_or_array, start):
     return tuple(aval_or_array.aval.shape[start : start + 2])
 
 
-def _forward_transpose_x(ct, x, kernel, *, stride, padding):
-    return conv_backward_data(ct, kernel, stride, padding, _hw(x, 1))
+def _forward_transpose_x(ct, x, kernel, *, stride, padding, winograd):
+    return conv_backward_data(ct, kernel, stride, padding, _hw(x, 1), winograd)
 
 
-def _forward_transpose_kernel(ct, x, kernel, *, stride, padding):
+def _forward_transpose_kernel(ct, x, kernel, *, stride, padding, winograd):
     return conv_backward_weights(x, ct, stride, padding, _hw(kernel, 0))
 
 
-def _backward_data_transpose_dy(ct, dy, kernel, *, stride, padding, in_hw):
-    return conv_forward(ct, kernel, stride, padding)
+def _backward_data_transpose_dy(ct, dy, kernel, *, stride, padding, in_hw, winograd):
+    return conv_forward(ct, kernel, stride, padding, winograd)
 
 
-def _backward_data_transpose_kernel(ct, dy, kernel, *, stride, padding, in_hw):
+def _backward_data_transpose_kernel(ct, dy, kernel, *, stride, padding, in_hw, winograd):
     return conv_backward_weights(ct, dy, stride, padding, _hw(kernel, 0))
 
 
@@ -358,14 +394,14 @@ _RULES = {
 }
 
 
-def _local_call(direction, a, b, out_hw, stride, padding):
+def _local_call(direction, a, b, out_hw, stride, padding, winograd):
     if direction == "forward":
         shape = (a.shape[0], *out_hw, b.shape[3])
     elif direction == "backward_data":
         shape = (a.shape[0], *out_hw, b.shape[2])
     else:
         shape = (*out_hw, a.shape[3], b.shape[3])
-    call = jax.ffi.ffi_call(_TARGETS[direction], jax.ShapeDtypeStruct(shape, a.dtype))
+    call = jax.ffi.ffi_call(_TARGETS[direction, winograd], jax.ShapeDtypeStruct(shape, a.dtype))
     return call(a, b, stride=np.int64(stride), padding=np.int64(padding))
 
 
@@ -382,28 +418,28 @@ def _partitioned(direction: str):
 
     sums_over_batch = direction == "backward_weights"
 
-    @functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
-    def call(a, b, out_hw, stride, padding):
-        return _local_call(direction, a, b, out_hw, stride, padding)
+    @functools.partial(custom_partitioning, static_argnums=(2, 3, 4, 5))
+    def call(a, b, out_hw, stride, padding, winograd):
+        return _local_call(direction, a, b, out_hw, stride, padding, winograd)
 
     def result_sharding(mesh, batch):
         return NamedSharding(mesh, PartitionSpec() if sums_over_batch else PartitionSpec(batch))
 
-    def infer(out_hw, stride, padding, mesh, arg_shapes, result_shape):
+    def infer(out_hw, stride, padding, winograd, mesh, arg_shapes, result_shape):
         return result_sharding(mesh, _batch_axes(arg_shapes[0]))
 
-    def partition(out_hw, stride, padding, mesh, arg_shapes, result_shape):
+    def partition(out_hw, stride, padding, winograd, mesh, arg_shapes, result_shape):
         batch = _batch_axes(arg_shapes[0])
         rows = NamedSharding(mesh, PartitionSpec(batch))
         second = rows if sums_over_batch else NamedSharding(mesh, PartitionSpec())
 
         def lower(a, b):
-            out = _local_call(direction, a, b, out_hw, stride, padding)
+            out = _local_call(direction, a, b, out_hw, stride, padding, winograd)
             return lax.psum(out, batch) if sums_over_batch and batch else out
 
         return mesh, lower, result_sharding(mesh, batch), (rows, second)
 
-    def rule(out_hw, stride, padding, mesh, value_types, result_types):
+    def rule(out_hw, stride, padding, winograd, mesh, value_types, result_types):
         # Only the batch may stay split; every other dimension is gathered whole.
         factors = dict.fromkeys(_RULES[direction].replace("->", " ").replace(",", " ").split())
         whole = tuple(f for f in factors if f != "n")  # in order of appearance, as Shardy wants
@@ -427,9 +463,9 @@ def _mark_as_needing_devices(primitive) -> None:
 def _ffi_lowering(direction: str):
     partitioned = _partitioned(direction)
 
-    def run(a, b, *, stride, padding, **shape_params):
+    def run(a, b, *, stride, padding, winograd=False, **shape_params):
         out_hw = _result_hw(direction, a, b, stride, padding, shape_params)
-        return partitioned(a, b, out_hw, stride, padding)
+        return partitioned(a, b, out_hw, stride, padding, winograd)
 
     return mlir.lower_fun(run, multiple_results=False)
 
@@ -448,7 +484,8 @@ def main(argv: list[str]) -> int:
     except BuildError as error:
         print(f"jaxprune.ops.onednn: not available: {error}", file=sys.stderr)
         return 1
-    print(f"jaxprune.ops.onednn: oneDNN {version()}, {library_path()}")
+    winograd = "with" if winograd_supported() else "without (no AVX2)"
+    print(f"jaxprune.ops.onednn: oneDNN {version()} {winograd} Winograd, {library_path()}")
     return 0
 
 
