@@ -38,6 +38,7 @@ CASES = [
     (2, 11, 9, 2, 3, 7, 2, 3),
     (1, 7, 7, 3, 2, 7, 1, 0),
     (2, 2, 2, 8, 8, 3, 1, 1),  # VGG's last stage: 2x2 pixels, padding larger than the output
+    (1, 6, 5, 4, 3, 3, 1, 2),  # padding 2: the output larger than the input
 ]
 
 # Every combination of the per-direction kernels, whatever the shape-based plans would choose.
