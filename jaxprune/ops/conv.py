@@ -148,6 +148,11 @@ def conv_impl(impl: ConvImpl) -> Iterator[None]:
         _local.impl = previous
 
 
+def _float32(x, kernel) -> bool:
+    """The oneDNN library's convolutions take float32 operands only."""
+    return x.dtype == jnp.float32 and kernel.dtype == jnp.float32
+
+
 def _onednn_wins(x, kernel) -> bool:
     """Whether the CPU plan hands this convolution to oneDNN: float32, the library available, and
     at most `_ONEDNN_MAX_NARROW_CHANNELS` channels on one side or a 1x1 window."""
@@ -155,8 +160,7 @@ def _onednn_wins(x, kernel) -> bool:
 
     kh, kw, c_in, c_out = kernel.shape
     shape_wins = min(c_in, c_out) <= _ONEDNN_MAX_NARROW_CHANNELS or kh * kw == 1
-    float32 = x.dtype == jnp.float32 and kernel.dtype == jnp.float32
-    return shape_wins and float32 and onednn.available()
+    return shape_wins and _float32(x, kernel) and onednn.available()
 
 
 def _winograd_runs(x, kernel) -> bool:
@@ -164,14 +168,13 @@ def _winograd_runs(x, kernel) -> bool:
     loaded, and a CPU with AVX2."""
     from jaxprune.ops import onednn
 
-    float32 = x.dtype == jnp.float32 and kernel.dtype == jnp.float32
-    return float32 and onednn.winograd_supported()
+    return _float32(x, kernel) and onednn.winograd_supported()
 
 
 def _require_onednn(x, kernel) -> None:
     from jaxprune.ops import onednn
 
-    if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+    if not _float32(x, kernel):
         raise TypeError(f"conv impl 'onednn' takes float32, got {x.dtype} and {kernel.dtype}")
     reason = onednn.unavailable_reason()
     if reason:
@@ -233,8 +236,11 @@ def _cpu_plan(
         kernel_grad = "im2col"
     wide = min(c_in, c_out) > _ONEDNN_MAX_NARROW_CHANNELS
     lanes = c_in % 8 == 0 and c_out % 8 == 0 and min(c_in, c_out) >= _WINOGRAD_MIN_CHANNELS
-    if winograd and (wide or lanes) and (kh, kw) == (3, 3) and stride == 1 and 0 <= padding <= 2:
-        return _Plan("winograd", "winograd", kernel_grad if wide else "onednn")
+    if winograd and (wide or lanes):
+        from jaxprune.ops import onednn
+
+        if onednn.winograd_applies(kernel_shape, stride, padding):
+            return _Plan("winograd", "winograd", kernel_grad if wide else "onednn")
     return _Plan(
         forward="im2col" if small else "xla",
         input_grad="xla" if windowed and not small else "im2col",

@@ -149,9 +149,9 @@ void* Scratch(std::vector<float>& buffer, size_t bytes) {
   return buffer.data();
 }
 
-// oneDNN 2.6's backward-data kernel is 1.0x-1.8x faster than its forward kernel on 3x3, stride-1
-// convolutions of up to 64 channels (most of all with 8 or 16 output channels; RESULTS.md section
-// 3), and such a forward convolution is the input gradient of its mirror image: the convolution
+// oneDNN 2.6's backward-data kernel runs 3x3, stride-1 convolutions of up to 64 channels at
+// 0.95x-1.8x the speed of its forward kernel (faster on 88 of 90 shapes, most of all with 8 or 16
+// output channels; experiments/results/onednn_forward_kernels.md), and such a forward convolution is the input gradient of its mirror image: the convolution
 // from C_out to C_in channels at padding 2 - p, with the window flipped and its channel axes
 // swapped. Forward calls of those shapes run that way.
 bool RunsAsBackwardData(const Shape& s) {
@@ -514,17 +514,18 @@ BlockProduct MakeBlockProduct(const WinogradShape& s, long tiles, bool transpose
   return p;
 }
 
+// Few channels (C_out a multiple of 8, at most kSmallChannels on each side): SmallProducts.
+// Otherwise oneDNN's matmul on blocks of kTileBlock tiles (a WinogradPlan).
+bool FewChannels(const WinogradShape& s) {
+  return s.c_out % 8 == 0 && std::max(s.c_in, s.c_out) <= kSmallChannels;
+}
+
 struct WinogradPlan {
-  // Few channels (C_out a multiple of 8, at most kSmallChannels on each side): SmallProducts.
-  // Otherwise oneDNN's matmul on blocks of kTileBlock tiles, and the last block if shorter.
-  bool small = false;
-  BlockProduct full, tail;
+  BlockProduct full, tail;  // blocks of kTileBlock tiles, and the last one if shorter
 };
 
 std::unique_ptr<WinogradPlan> MakeWinogradPlan(const WinogradShape& s, bool transposed) {
   auto plan = std::make_unique<WinogradPlan>();
-  plan->small = s.c_out % 8 == 0 && std::max(s.c_in, s.c_out) <= kSmallChannels;
-  if (plan->small) return plan;
   long full = std::min(kTileBlock, s.tiles()), tail = s.tiles() % full;
   plan->full = MakeBlockProduct(s, full, transposed);
   if (tail) plan->tail = MakeBlockProduct(s, tail, transposed);
@@ -579,7 +580,6 @@ ffi::Error RunWinograd(const WinogradShape& s, bool transposed, const float* in,
     return ffi::Error::InvalidArgument("Winograd F(2x2,3x3): padding 0-2 and a 3x3 window only");
   if (!WinogradSupported()) return ffi::Error::InvalidArgument("Winograd F(2x2,3x3) needs AVX2");
   try {
-    WinogradPlan& plan = GetWinogradPlan(s, transposed);
     thread_local dnnl::stream stream(Engine());
     thread_local std::vector<float> u, v, m, zeros, discard, scratchpad;
     // U as TransformKernel writes it: [16][C][O] of the forward kernel.
@@ -588,10 +588,11 @@ ffi::Error RunWinograd(const WinogradShape& s, bool transposed, const float* in,
     zeros.assign(s.c_in, 0.f);
     discard.resize(s.c_out * omp_get_max_threads());
     TransformKernel(kernel, kernel_c, kernel_o, transposed, U);
-    if (plan.small) {
+    if (FewChannels(s)) {
       RunSmall(s, transposed, in, U, zeros.data(), discard.data(), out);
       return ffi::Error::Success();
     }
+    WinogradPlan& plan = GetWinogradPlan(s, transposed);
     const long full = plan.full.v_md.dims()[1];
     float* V = static_cast<float*>(Scratch(v, 16 * KStride(full, s.c_in) * sizeof(float)));
     float* M = static_cast<float*>(Scratch(m, 16 * KStride(full, s.c_out) * sizeof(float)));
@@ -626,8 +627,9 @@ ffi::Error ForwardWinograd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel
 ffi::Error BackwardDataWinograd(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
                                 ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t padding) {
   auto dyd = dy.dimensions(), kd = kernel.dimensions();
-  if (stride != 1 || kd[0] != 3 || kd[1] != 3 || padding < 0 || padding > 2)
+  if (stride != 1 || kd[0] != 3 || kd[1] != 3)
     return ffi::Error::InvalidArgument("Winograd F(2x2,3x3): a 3x3 window at stride 1 only");
+  // The mirror's padding 2 - p is in 0-2 exactly when p is; RunWinograd checks it.
   auto s = MakeWinogradShape(dyd[0], dyd[1], dyd[2], dyd[3], kd[2], 2 - padding);
   return RunWinograd(s, true, dy.typed_data(), kernel.typed_data(), dx->typed_data());
 }
