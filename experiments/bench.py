@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxprune as jp
-from jaxprune import importance, select, timing, train
+from jaxprune import importance, methods, select, timing, train
 
 # model -> default batch size on this CPU (ResNet-50 at 224: a small batch, as the issue asks).
 BATCH_SIZES = {"resnet56": 32, "vgg16": 32, "resnet50": 8}
@@ -149,7 +149,7 @@ def pruned_variant(arch: Any, variables: dict, macs_ratio: float, round_to: int)
         scores,
         macs_ratio=macs_ratio,
         round_to=round_to,
-        normalize=importance.DEFAULT_NORMALIZE["l1"],
+        normalize=methods.get("l1").normalize,
     )
     return jp.prune(arch, variables, keep)
 

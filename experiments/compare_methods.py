@@ -1,12 +1,12 @@
-"""Issue 5, part 2a: GFI-AP vs uniform L1 vs Taylor-FO-BN at equal MACs, after equal fine-tuning.
+"""2a: GFI-AP (the authors' protocol and the recommended form) vs uniform L1 vs Taylor-FO-BN at
+equal MACs, after equal fine-tuning, with the ablation of the selection options.
 
-For every model and seed, one baseline is trained with `jaxprune.pipeline.train`; every method
-scores its channels once (the same unaugmented training batches for all data criteria), and for
-every MACs budget the channels are chosen by `jaxprune.select` (GFI-AP and Taylor-FO-BN: one
-global ranking, `select.adaptive`; L1: the same fraction of every group, `select.uniform` at the
-same MACs), cut with `jaxprune.pipeline.prune_to` (which also slices the optimizer state) and
-fine-tuned with `jaxprune.pipeline.finetune` for the same number of steps. Accuracy is the
-fine-tuning run's final evaluation on the whole test split.
+For every model and seed, one baseline is trained with `jaxprune.pipeline.train`. Every variant is
+a `jaxprune.methods` entry with selection overrides, run through `jaxprune.pipeline.prune` (score,
+select, cut, re-estimate BatchNorm) and fine-tuned with `jaxprune.pipeline.finetune` for the same
+number of steps. Recorded per run: the accuracy right after the cut, after BatchNorm's statistics
+are re-estimated (both before any fine-tuning: collapse shows there), and after fine-tuning, on the
+whole test split, and the smallest fraction of any group kept.
 
     python experiments/compare_methods.py --out experiments/results/2a.json          # full grid
     python experiments/compare_methods.py --tiny --out /tmp/2a_tiny.json             # smoke test
@@ -27,37 +27,50 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-
-from jaxprune import data, importance, pipeline, select
+from jaxprune import methods, pipeline
 from jaxprune.flops import count_macs, count_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (what the experiment scripts share)
 
+CAP = methods.DEFAULT_MAX_PRUNING_RATIO
+
 
 @dataclasses.dataclass(frozen=True)
-class Method:
-    """A pruning method: an importance criterion, its options and a selection policy."""
+class Variant:
+    """A registry method with selection overrides (None: the method's default)."""
 
-    criterion: str
-    policy: select.Policy
-    options: tuple[tuple[str, str], ...] = ()
+    method: str
+    policy: str | None = None
+    max_pruning_ratio: float | None = CAP
+    prunable: tuple[str, ...] | None = None  # ("*",): every group
+    ranking: str | None = None
+    rounds: int = 1
+    recalibrate: bool = True
 
 
-METHODS: dict[str, Method] = {
-    "gfi_gradient": Method("gfi", select.Policy.ADAPTIVE, (("signal", "gradient"),)),
-    "gfi_activation": Method("gfi", select.Policy.ADAPTIVE, (("signal", "activation"),)),
-    "l1_uniform": Method("l1", select.Policy.UNIFORM),
-    "taylor_fo_bn": Method("taylor_fo_bn", select.Policy.ADAPTIVE),
+VARIANTS: dict[str, Variant] = {
+    "l1_uniform": Variant("l1", policy="uniform", max_pruning_ratio=None),
+    "taylor_fo_bn": Variant("taylor_fo_bn"),
+    "gfi_ap_authors": Variant("gfi_ap_authors", max_pruning_ratio=None),
+    # GFI-AP's gradient ranking as the library ran it before the selection options (ablation):
+    "gfi_global_raw": Variant("gfi", max_pruning_ratio=None, prunable=("*",), recalibrate=False),
+    "gfi_global": Variant("gfi", prunable=("*",)),  # + per-group normalisation, cap, BN re-estimate
+    "gfi": Variant("gfi"),  # + the authors' layers only: the registry's default
+    "gfi_cost": Variant("gfi", ranking="score_per_cost"),
+    "gfi_rounds3": Variant("gfi", rounds=3),
 }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet20", "vgg16"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=[v for v in VARIANTS if v != "gfi_rounds3"],
+        choices=list(VARIANTS),
+    )
     p.add_argument(
         "--macs-ratios",
         nargs="+",
@@ -73,7 +86,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate of training")
     p.add_argument("--finetune-lr", type=float, default=0.01)
-    p.add_argument("--score-batches", type=int, default=8, help="batches the data criteria see")
+    p.add_argument(
+        "--score-batches", type=int, default=None, help="scoring batches (default: the method's)"
+    )
+    p.add_argument(
+        "--recalibrate-batches",
+        type=int,
+        default=pipeline.DEFAULT_RECALIBRATE_BATCHES,
+        help="BatchNorm re-estimation batches after the cut (variants that re-estimate)",
+    )
     p.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
     p.add_argument("--out", default="results.json")
     p.add_argument(
@@ -85,41 +106,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--tiny",
         action="store_true",
-        help="smoke run: synthetic data, lenet5, gfi_gradient and l1_uniform, two ratios",
+        help="smoke run: synthetic data, lenet5, gfi and l1_uniform, two ratios",
     )
     args = p.parse_args(argv)
     if args.tiny:
         args.models, args.seeds, args.macs_ratios = ["lenet5"], [0], [0.7, 0.4]
         args.data, args.train_steps, args.finetune_steps = "synthetic", 2, 1
         args.batch_size, args.score_batches = 16, 1
-        if args.methods == list(METHODS):  # two fine-tuned methods; the tests score all four
-            args.methods = ["gfi_gradient", "l1_uniform"]
+        if args.methods == p.get_default("methods"):
+            args.methods = ["gfi", "l1_uniform"]
     return args
 
 
-def score(method: Method, arch, variables, batches) -> dict:
-    """``{group: f32[n]}`` of ``method``'s criterion; batches only for the data criteria."""
-    needs = method.criterion in importance.NEEDS_BATCHES
-    return importance.CRITERIA[method.criterion](
-        arch, variables, batches if needs else None, **dict(method.options)
-    )
-
-
-def choose(method: Method, arch, scores: dict, macs_ratio: float) -> dict:
-    if method.policy is select.Policy.UNIFORM:
-        return select.uniform(arch, scores, macs_ratio=macs_ratio)
-    return select.adaptive(
-        arch,
-        scores,
-        macs_ratio=macs_ratio,
-        normalize=importance.DEFAULT_NORMALIZE[method.criterion],
+def prune_variant(args, base: Path, out: Path, variant: Variant, ratio: float) -> dict:
+    """`pipeline.prune` of ``base`` into ``out`` (replacing an earlier run) as ``variant`` says."""
+    if out.exists():
+        shutil.rmtree(out)
+    return pipeline.prune(
+        base,
+        out,
+        variant.method,
+        pipeline.Budget("macs", ratio),
+        policy=variant.policy,
+        max_pruning_ratio=variant.max_pruning_ratio,
+        prunable=variant.prunable,
+        ranking=variant.ranking,
+        num_batches=args.score_batches,
+        recalibrate_batches=args.recalibrate_batches if variant.recalibrate else 0,
+        rounds=variant.rounds,
+        round_steps=max(1, args.finetune_steps // variant.rounds) if variant.rounds > 1 else None,
+        verbose=False,
     )
 
 
 def run(args: argparse.Namespace, partial=None) -> dict:
     """Runs the grid; ``partial(record)`` (if given) receives the record after every run."""
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="compare_"))
-    dataset = _common.load_dataset(args)
+    _common.load_dataset(args)
     rows, baselines = [], []
     started = time.perf_counter()
     for model in args.models:
@@ -140,49 +163,40 @@ def run(args: argparse.Namespace, partial=None) -> dict:
                 }
             )
             print(f"{model} seed {seed}: baseline accuracy {trained['accuracy']:.4f}", flush=True)
-            batches = [
-                (jnp.asarray(x), jnp.asarray(y))
-                for x, y in data.train_batches(
-                    dataset,
-                    global_batch_size=args.batch_size,
-                    seed=seed,
-                    num_steps=args.score_batches,
-                    augment=False,
-                )
-            ]
-            scores, score_s = {}, {}
-            for name in args.methods:
-                t0 = time.perf_counter()
-                scores[name] = jax.device_get(score(METHODS[name], arch, variables, batches))
-                score_s[name] = time.perf_counter() - t0
             # Budgets outermost: a run cut short still holds every method at the finished budgets.
             for ratio in args.macs_ratios:
                 for name in args.methods:
-                    method = METHODS[name]
-                    keep = choose(method, arch, scores[name], ratio)
+                    variant = VARIANTS[name]
                     out = root / model / f"seed{seed}" / f"{name}_{ratio}"
-                    record = _common.prune_to(base, out, keep)
+                    t0 = time.perf_counter()
+                    record = prune_variant(args, base, out, variant, ratio)
+                    prune_s = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     tuned = _common.finetune(args, out)
+                    before, after = record["widths_before"], record["widths_after"]
                     row = {
                         "model": model,
                         "seed": seed,
                         "method": name,
-                        "criterion": method.criterion,
-                        "policy": method.policy.value,
+                        "variant": dataclasses.asdict(variant),
                         "macs_ratio_target": ratio,
                         "macs": record["macs_after"],
                         "macs_ratio": record["macs_after"] / record["macs_before"],
                         "params": record["params_after"],
-                        "widths": record["widths_after"],
+                        "widths": after,
+                        "min_width_fraction": min(after[g] / before[g] for g in before),
+                        "bound_by_rules": record.get("bound_by_rules", []),
+                        "accuracy_at_cut": record.get("accuracy_at_cut", record["accuracy_after"]),
+                        "accuracy_recalibrated": record["accuracy_after"],
                         "accuracy": tuned["accuracy"],
-                        "score_s": score_s[name],
+                        "prune_s": prune_s,
                         "finetune_s": time.perf_counter() - t0,
                     }
                     rows.append(row)
                     print(
-                        f"  {name:<15} MACs kept {row['macs_ratio']:.3f} "
-                        f"accuracy {row['accuracy']:.4f}",
+                        f"  {name:<15} MACs kept {row['macs_ratio']:.3f} accuracy at the cut "
+                        f"{row['accuracy_at_cut']:.4f}, BN re-estimated "
+                        f"{row['accuracy_recalibrated']:.4f}, fine-tuned {row['accuracy']:.4f}",
                         flush=True,
                     )
                     if partial is not None:
@@ -210,6 +224,7 @@ def summarize(rows: list[dict], baselines: list[dict]) -> list[dict]:
     for b_model in dict.fromkeys(b["model"] for b in baselines):
         base_acc = [b["accuracy"] for b in baselines if b["model"] == b_model]
         out.append(_stats(b_model, "baseline", 1.0, base_acc, [1.0]))
+        out[-1].update(accuracy_at_cut=None, accuracy_recalibrated=None, min_width_fraction=1.0)
         keys = dict.fromkeys(
             (r["method"], r["macs_ratio_target"]) for r in rows if r["model"] == b_model
         )
@@ -228,6 +243,13 @@ def summarize(rows: list[dict], baselines: list[dict]) -> list[dict]:
                     [r["macs_ratio"] for r in sel],
                 )
             )
+            out[-1].update(
+                {
+                    key: statistics.fmean(r[key] for r in sel) if key in sel[0] else None
+                    for key in ("accuracy_at_cut", "accuracy_recalibrated")
+                },
+                min_width_fraction=min(r.get("min_width_fraction", 0.0) for r in sel),
+            )
     return out
 
 
@@ -244,7 +266,10 @@ def _stats(model, method, target, accuracies, macs_ratios) -> dict:
 
 
 _TEXT_ROW = "{model:<10}{method:<16}{macs_ratio:>10}{accuracy:>10}{std:>8}{seeds:>6}"
-_MARKDOWN_ROW = "| {model} | {method} | {target} | {macs_ratio} | {accuracy} | {std} | {seeds} |"
+_MARKDOWN_ROW = (
+    "| {model} | {method} | {target} | {macs_ratio} | {at_cut} | {recalibrated} | {accuracy} "
+    "| {std} | {min_width} | {seeds} |"
+)
 
 
 def _cells(s: dict) -> dict[str, str]:
@@ -257,7 +282,14 @@ def _cells(s: dict) -> dict[str, str]:
         "accuracy": f"{s['accuracy_mean']:.4f}",
         "std": "-" if s["accuracy_std"] is None else f"{s['accuracy_std']:.4f}",
         "seeds": str(s["num_seeds"]),
+        "at_cut": _percent(s.get("accuracy_at_cut")),
+        "recalibrated": _percent(s.get("accuracy_recalibrated")),
+        "min_width": f"{s.get('min_width_fraction', 0.0):.2f}",
     }
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def format_table(summary: list[dict]) -> str:
@@ -276,8 +308,9 @@ def markdown_table(result: dict) -> str:
     """Markdown table of the summary, budgets in the order 70%, 50%, 30% of the MACs kept."""
     rows = sorted(result["summary"], key=lambda s: (s["model"], -s["macs_ratio_target"]))
     lines = [
-        "| model | method | MACs kept (target) | MACs kept | accuracy | std | seeds |",
-        "|---|---|---|---|---|---|---|",
+        "| model | method | MACs kept (target) | MACs kept | at the cut | BN re-estimated "
+        "| fine-tuned | std | smallest group kept | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(lines + [_MARKDOWN_ROW.format(**_cells(s)) for s in rows])
 

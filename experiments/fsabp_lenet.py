@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import data, importance, pipeline, select
+from jaxprune import data, importance, methods, pipeline, select
 from jaxprune.flops import count_macs, count_params
 from jaxprune.graph import Architecture, groups
 
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace, partial=None) -> dict:
                     arch,
                     l1_scores,
                     params_ratio=kept_params,
-                    normalize=importance.DEFAULT_NORMALIZE["l1"],
+                    normalize=methods.get("l1").normalize,
                 ),
             ),
         ):

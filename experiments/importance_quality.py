@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 import jaxprune as jp
-from jaxprune import data, importance, pipeline, select
+from jaxprune import data, importance, methods, pipeline, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import environment  # noqa: E402  (the scripts' shared machine record)
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         scores = as_numpy(scores)
         if set(scores) != set(oracle) or any(scores[g].shape != oracle[g].shape for g in oracle):
             raise AssertionError(f"{label}: scores do not have the groups' structure")
-        normalize = importance.DEFAULT_NORMALIZE[name]
+        normalize = methods.get(name).normalize
         normalized = select.normalize_scores(scores, normalize)
         signed, absolute = (importance.agreement(scores, ref) for ref in (oracle, abs_oracle))
         results[label] = {

@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from jaxprune import checkpoint, data, pipeline
+from jaxprune import checkpoint, data, methods, pipeline, select
 from jaxprune.allocator import ALLOCATOR_ENV
 from jaxprune.train import loop, optim, parallel
 from jaxprune.train.step import ComputeDtype
@@ -45,6 +45,39 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+_NO_CAP = -1.0
+
+
+def _max_pruning_ratio(text: str) -> float:
+    if text.lower() == "none":
+        return _NO_CAP
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or none, got {text!r}")
+    return value
+
+
+def _patterns(text: str) -> tuple[str, ...] | None:
+    """Comma-separated glob patterns; ``all``: every group (overrides a method's default)."""
+    patterns = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not patterns:
+        raise argparse.ArgumentTypeError("expected comma-separated group patterns")
+    return ("*",) if patterns == ("all",) else patterns
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
     return value
 
 
@@ -154,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser("prune", help="prune a trained checkpoint into a new workdir")
     prune.add_argument("--workdir", required=True)
-    prune.add_argument("--method", required=True, help="gfi, fsabp, taylor_fo_bn, l1, l2, ...")
+    prune.add_argument("--method", required=True, help=f"one of: {', '.join(methods.METHODS)}")
     budget = prune.add_mutually_exclusive_group(required=True)
     for kind in pipeline.BudgetKind:
         budget.add_argument(
@@ -163,11 +196,36 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--round-to", type=_positive_int, default=1, help="channel multiple")
     prune.add_argument(
         "--policy",
-        default="adaptive",
-        help="adaptive (one global ranking, GFI-AP) or uniform (same fraction of every group)",
+        help="adaptive (one global ranking, GFI-AP), uniform (same fraction of every group) or "
+        "threshold (the GFI-AP authors' rule); default: the method's",
+    )
+    prune.add_argument(
+        "--max-pruning-ratio",
+        type=_max_pruning_ratio,
+        help="largest fraction of any group removed, or 'none' (default "
+        f"{methods.DEFAULT_MAX_PRUNING_RATIO}; none for the threshold policy)",
+    )
+    prune.add_argument(
+        "--prunable",
+        type=_patterns,
+        help="comma-separated glob patterns of the groups that may be cut, e.g. '*/conv1', or "
+        "'all' (default: the method's)",
+    )
+    prune.add_argument("--ranking", help="score or score_per_cost (adaptive policy)")
+    prune.add_argument(
+        "--rounds", type=_positive_int, default=1, help="reach the budget in this many rounds"
+    )
+    prune.add_argument("--round-steps", type=_positive_int, help="fine-tuning steps between rounds")
+    prune.add_argument(
+        "--recalibrate-batches",
+        type=_non_negative_int,
+        default=pipeline.DEFAULT_RECALIBRATE_BATCHES,
+        help="training batches to re-estimate BatchNorm statistics on after the cut (0: none)",
     )
     prune.add_argument("--out", required=True, help="new workdir for the pruned network")
-    prune.add_argument("--num-batches", type=_positive_int, default=8, help="batches for scoring")
+    prune.add_argument(
+        "--num-batches", type=_positive_int, help="batches for scoring (default: the method's)"
+    )
     prune.add_argument("--restore-step", type=int)
     prune.add_argument("--data-dir")
     prune.add_argument("--no-eval", action="store_true", help="skip accuracy before/after")
@@ -275,19 +333,30 @@ def _done(result: dict) -> None:
 
 
 def _prune(args: argparse.Namespace) -> None:
-    kind, ratio = next(
+    ((kind, ratio),) = [
         (kind, getattr(args, f"{kind.value}_ratio"))
         for kind in pipeline.BudgetKind
         if getattr(args, f"{kind.value}_ratio") is not None
-    )
+    ]
+    method = methods.get(args.method)
+    policy = args.policy or method.policy
+    cap = args.max_pruning_ratio
+    if cap is None and policy != select.Policy.THRESHOLD:
+        cap = methods.DEFAULT_MAX_PRUNING_RATIO
     pipeline.prune(
         args.workdir,
         args.out,
         args.method,
         pipeline.Budget(kind, ratio),
         round_to=args.round_to,
-        policy=args.policy,
+        policy=policy,
+        max_pruning_ratio=None if cap == _NO_CAP else cap,
+        prunable=args.prunable,
+        ranking=args.ranking,
         num_batches=args.num_batches,
+        recalibrate_batches=args.recalibrate_batches,
+        rounds=args.rounds,
+        round_steps=args.round_steps,
         restore_step=args.restore_step,
         data_dir=args.data_dir,
         evaluate_before_after=not args.no_eval,
@@ -364,7 +433,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         except (ValueError, RuntimeError) as e:
             raise pipeline.UserError(f"cannot start the multi-process run: {e}") from None
         _COMMANDS[args.command](args)
-    except (pipeline.UserError, checkpoint.CheckpointError, loop.TrainingDiverged) as e:
+    except (ValueError, checkpoint.CheckpointError, loop.TrainingDiverged) as e:
+        # The one place Python errors become the command's one-line messages (UserError is a
+        # ValueError; so are the library's refusals of bad settings and budgets).
         sys.stderr.write(f"{prog}: error: {' '.join(str(e).split())}\n")
         raise SystemExit(USER_ERROR) from None
     except KeyboardInterrupt:

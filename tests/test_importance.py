@@ -43,8 +43,12 @@ VARIANTS = {
 
 
 def test_registry_names_every_criterion():
-    assert set(imp.CRITERIA) == set(imp.DEFAULT_NORMALIZE)
-    assert imp.NEEDS_BATCHES <= set(imp.CRITERIA)
+    """Every criterion is reachable as a method; every method's criterion is a criterion."""
+    registered = {m.criterion for m in jp.methods.METHODS.values()}
+    assert set(imp.CRITERIA.values()) <= registered
+    assert set(imp.CRITERIA) <= set(jp.methods.METHODS)
+    with pytest.raises(ValueError, match="valid methods: gfi, gfi_ap_authors"):
+        jp.methods.get("gfi-ap")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -240,7 +240,7 @@ def test_iterative_rounds_reach_the_budget():
         imp.l1,
         3,
         macs_ratio=0.5,
-        normalize=imp.DEFAULT_NORMALIZE["l1"],
+        normalize=jp.methods.get("l1").normalize,
         finetune=lambda a, v: rounds.append(a) or v,
     )
     assert len(rounds) == 3 and len(result.log) == 3
@@ -266,3 +266,145 @@ def test_uniform_to_a_macs_budget_is_uniform_and_lands_under_it(name, round_to):
     assert max(fractions) - min(fractions) < 2 * round_to / 64
     with pytest.raises(ValueError, match="exactly one"):
         select.uniform(arch, scores, 0.5, macs_ratio=0.5)
+
+
+# --- width rules: max_pruning_ratio and prunable, for every policy and budget ---------------------
+
+POLICIES = {
+    "adaptive": lambda arch, scores, budget, **rules: select.adaptive(
+        arch, scores, budget=budget, **rules
+    ),
+    "adaptive_per_cost": lambda arch, scores, budget, **rules: select.adaptive(
+        arch, scores, budget=budget, ranking="score_per_cost", **rules
+    ),
+    "uniform": lambda arch, scores, budget, **rules: select.uniform(
+        arch, scores, budget=budget, **rules
+    ),
+}
+
+
+PRUNABLE = {"resnet20": ["*/conv1", "stage1"], "vgg16": ["conv*"]}
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("kind", ["macs", "params", "filters"])
+@pytest.mark.parametrize("name", ["resnet20", "vgg16"])
+def test_width_rules_hold_for_every_policy_and_budget(policy, kind, name):
+    arch = jp.models.create(name)
+    scores = skewed_scores(arch)
+    scores[next(iter(scores))] -= 100.0  # a global ranking would empty the first group
+    sizes = jp.groups(arch)
+    cut = set(select.budget.matching_groups(list(sizes), PRUNABLE[name]))
+    assert cut and len(cut) < len(sizes)
+    budget = select.Budget(kind, 0.6)
+    keep = POLICIES[policy](arch, scores, budget, max_pruning_ratio=0.6, prunable=PRUNABLE[name])
+    cost = select.CostModel.build(arch, budget.kind)
+    widths = np.array([len(keep[g]) for g in sizes])
+    assert cost(widths) <= budget.ratio * cost(cost.full_widths) * (1 + 1e-12)
+    assert any(len(keep[g]) < sizes[g] for g in cut)
+    for g, n in sizes.items():
+        assert len(keep[g]) >= np.ceil(0.4 * n - 1e-9), (g, len(keep[g]), n)  # loses <= 60%
+        if g not in cut:
+            assert len(keep[g]) == n, g
+
+
+def test_unreachable_budget_is_refused_naming_the_binding_groups():
+    arch = jp.models.create("resnet20")
+    scores = skewed_scores(arch)
+    for policy in ("adaptive", "uniform"):
+        with pytest.raises(ValueError, match=r"impossible.*binding groups: .*stage3"):
+            POLICIES[policy](arch, scores, select.Budget("macs", 0.3), prunable=["*/conv1"],
+                             max_pruning_ratio=0.5)  # fmt: skip
+    with pytest.raises(ValueError, match="matches no group"):
+        select.adaptive(arch, scores, macs_ratio=0.5, prunable=["*/conv9"])
+    with pytest.raises(ValueError, match="max_pruning_ratio"):
+        select.adaptive(arch, scores, macs_ratio=0.5, max_pruning_ratio=1.0)
+
+
+def test_binding_names_the_groups_held_at_their_cap():
+    arch = jp.models.create("resnet20")
+    scores = skewed_scores(arch)
+    scores["stage1/block1/conv1"] -= 100.0
+    rules = select.WidthRules(max_pruning_ratio=0.5)
+    keep = select.adaptive(arch, scores, macs_ratio=0.6, max_pruning_ratio=0.5)
+    names = tuple(jp.groups(arch))
+    full = np.array(list(jp.groups(arch).values()))
+    widths = np.array([len(keep[g]) for g in names])
+    bound = rules.binding(names, full, widths)
+    assert "stage1/block1/conv1" in bound and len(keep["stage1/block1/conv1"]) == 8
+    assert all(
+        len(keep[g]) == np.ceil(n / 2) for g, n in zip(names, full, strict=True) if g in bound
+    )
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "uniform", "threshold", "iterative"])
+def test_non_finite_scores_are_refused_by_every_policy(policy):
+    arch = jp.models.create("lenet5")
+    scores = skewed_scores(arch)
+    for bad in (np.nan, np.inf):
+        broken = {**scores, "conv2": scores["conv2"].copy()}
+        broken["conv2"][3] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            if policy == "threshold":
+                select.threshold(arch, broken, select.Budget("filters", 0.5))
+            elif policy == "iterative":
+                select.iterative(arch, None, lambda a, v: broken, 2, macs_ratio=0.5)
+            else:
+                POLICIES[policy](arch, broken, select.Budget("macs", 0.5))
+
+
+def test_budget_is_one_validated_value():
+    budget = select.Budget("macs", 0.5)
+    assert budget.kind is select.BudgetKind.MACS and budget.ratio == 0.5
+    assert select.Budget.from_ratios(macs_ratio=0.5) == budget
+    assert select.Budget.from_ratios(budget) is budget
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            select.Budget("params", bad)
+    with pytest.raises(ValueError, match="valid kinds: macs, params, filters"):
+        select.Budget("flops", 0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        select.Budget.from_ratios(budget, macs_ratio=0.5)
+
+
+# --- the authors' threshold rule and the cost-aware ranking ------------------------------------
+
+
+def test_threshold_is_the_authors_rule_by_hand():
+    """T = sorted(scores)[int(p N)]; at or below T removed; an all-below group loses int(g_p n)."""
+    arch = jp.models.create("lenet5")  # conv1 6, conv2 16, fc1 120, fc2 84
+    rng = np.random.default_rng(0)
+    scores = {g: rng.uniform(1, 2, n) for g, n in jp.groups(arch).items()}
+    scores["conv1"] = rng.uniform(0, 0.5, 6)  # every channel under any threshold
+    p = 0.3
+    pooled = np.sort(np.concatenate([scores[g] for g in ("conv1", "conv2")]))
+    t = pooled[int(p * pooled.size)]
+    keep = select.threshold(arch, scores, select.Budget("filters", 1 - p), prunable=["conv*"])
+    g_p = p + (1 - p) / 2
+    assert len(keep["conv1"]) == 6 - int(g_p * 6)
+    np.testing.assert_array_equal(keep["conv2"], np.flatnonzero(scores["conv2"] > t))
+    assert len(keep["fc1"]) == 120 and len(keep["fc2"]) == 84  # not prunable
+
+
+def test_threshold_reaches_a_macs_budget():
+    arch = jp.models.create("resnet20")
+    scores = skewed_scores(arch)
+    keep = select.threshold(arch, scores, select.Budget("macs", 0.6), prunable=["*/block*/conv1"])
+    assert 0.55 <= macs_kept(arch, keep) <= 0.6
+    assert all(len(keep[g]) == n for g, n in jp.groups(arch).items() if "/block" not in g)
+
+
+def test_score_per_cost_removes_cheap_importance_first():
+    """Equal scores: the ranking by score per cost removes the costliest channels first."""
+    arch = jp.models.create("resnet20")
+    sizes = jp.groups(arch)
+    flat = {g: np.ones(n) for g, n in sizes.items()}
+    cost = select.CostModel.build(arch, "macs")
+    per_channel = dict(zip(cost.group_names, cost.channel_costs(), strict=True))
+    keep = select.adaptive(arch, flat, macs_ratio=0.97, ranking="score_per_cost", tolerance=1.0)
+    cut = [g for g in sizes if len(keep[g]) < sizes[g]]
+    assert (
+        cut
+        and min(per_channel[g] for g in cut)
+        >= max(per_channel[g] for g in sizes if g not in cut) - 1e-9
+    )

@@ -7,6 +7,7 @@ average over batches as the mean of per-batch means. All of them run under ``jax
 
     scores = importance.gfi(arch, variables, batches)            # GFI-AP (gate gradients)
     scores = importance.CRITERIA["fsabp"](arch, variables)       # by name
+    # each method's data, normalisation and policy: `jaxprune.methods.METHODS`
     importance.agreement(scores, importance.oracle(arch, variables, batches)).pooled
 
 Definitions, papers and where jaxprune departs from them: ``docs/criteria.md``.
@@ -29,6 +30,7 @@ from jaxprune.importance.gates import (
 )
 from jaxprune.importance.gfi import (
     Accumulate,
+    BatchNormMode,
     GFIAccumulator,
     Signal,
     gfi,
@@ -37,7 +39,6 @@ from jaxprune.importance.gfi import (
     gfi_accumulator_update,
 )
 from jaxprune.importance.oracle import oracle
-from jaxprune.select import Normalize
 
 Criterion = Callable[..., Scores]
 
@@ -52,31 +53,11 @@ CRITERIA: dict[str, Criterion] = {
     "oracle": oracle,
 }
 
-# Per-group normalisation a global ranking (`jaxprune.select.adaptive`) should apply to each
-# criterion: None for scores on one network-wide scale (loss changes, gradients); for per-layer
-# quantities (norms and distances grow with a layer's fan-in) division by the group's mean, as
-# Torch-Pruning's magnitude importance does by default. (L2 normalisation, Molchanov et al. 2017,
-# shrinks a wide group's scores by sqrt(n): on LeNet-5 it empties fc1 and fc2 first.)
-DEFAULT_NORMALIZE: dict[str, Normalize | None] = {
-    "gfi": None,
-    "taylor_fo_bn": None,
-    "oracle": None,
-    "random": None,
-    "l1": Normalize.MEAN,
-    "l2": Normalize.MEAN,
-    "fpgm": Normalize.MEAN,
-    "fsabp": Normalize.MEAN,
-}
-
-# Criteria that read data (``batches`` required).
-NEEDS_BATCHES = frozenset({"gfi", "taylor_fo_bn", "oracle"})
-
 __all__ = [
     "CRITERIA",
-    "DEFAULT_NORMALIZE",
-    "NEEDS_BATCHES",
     "Accumulate",
     "Agreement",
+    "BatchNormMode",
     "Batches",
     "Criterion",
     "Distance",

@@ -61,19 +61,23 @@ def _is_producer(module: nn.Module, method_name: str) -> bool:
     return method_name == "__call__" and isinstance(module, Conv | nn.Dense)
 
 
-@functools.partial(jax.jit, static_argnames=("arch",))
+@functools.partial(jax.jit, static_argnames=("arch", "train"))
 def producer_outputs(
-    arch: Architecture, variables: Mapping, images: jax.Array
+    arch: Architecture, variables: Mapping, images: jax.Array, train: bool = False
 ) -> dict[str, list[jax.Array]]:
-    """Every producer's output for one batch, BatchNorm in eval mode: group -> [f32[N, P, n]].
+    """Every producer's output for one batch: group -> [f32[N, P, n]].
+
+    BatchNorm in eval mode, or with ``train=True`` in train mode (normalising by the batch's own
+    statistics, as the network runs during training; running statistics are not updated).
 
     P is the layer's number of output positions (H * W; 1 for a dense layer). The conv output is
     taken before BatchNorm (with the conv's bias, for LeNet), via flax's ``capture_intermediates``
     on the `jaxprune.models.common.Conv` and ``nn.Dense`` submodules: no model hook needed.
     """
     model = arch.module()
+    mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
     _, state = model.apply(
-        variables, images, False, capture_intermediates=_is_producer, mutable=["intermediates"]
+        variables, images, train, capture_intermediates=_is_producer, mutable=mutable
     )
     captured = state["intermediates"]
     out = {}

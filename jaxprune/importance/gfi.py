@@ -61,6 +61,11 @@ class Signal(enum.StrEnum):
     ACTIVATION = "activation"  # class-wise mean activations (the authors' released code)
 
 
+class BatchNormMode(enum.StrEnum):
+    EVAL = "eval"  # running statistics
+    TRAIN = "train"  # each batch's own statistics
+
+
 class Accumulate(enum.StrEnum):
     BATCH = "batch"  # |gradient of each batch's mean loss|
     EXAMPLE = "example"  # |gradient of each example's loss|, averaged
@@ -77,6 +82,7 @@ def gfi(
     loss_fn: LossFn = cross_entropy,
     chunk_size: int = 64,
     diagonal: Diagonal | str = Diagonal.STRUCTURED,
+    batch_norm: BatchNormMode | str = "eval",
 ) -> Scores:
     """Global filter importance of every channel; higher means keep (formulas: module docstring).
 
@@ -92,6 +98,8 @@ def gfi(
       chunk_size: order 2: Hessian-diagonal entries computed together (bounds memory).
       diagonal: order 2: ``"structured"`` (default, fast) or ``"forward_over_reverse"`` (one
         Hessian-vector product per channel: the slow reference); both exact.
+      batch_norm: activation signal: BatchNorm in ``"eval"`` mode (running statistics) or
+        ``"train"`` mode (each batch's own statistics, as the authors' code scores).
 
     Returns:
       ``{group: f32[n]}`` with the keys of ``jp.groups(arch)``.
@@ -100,12 +108,16 @@ def gfi(
       Mondal et al. 2022 (GFI-AP), Computer Vision and Image Understanding.
     """
     signal, accumulate = Signal(signal), Accumulate(accumulate)
+    batch_norm = BatchNormMode(batch_norm)
+    if batch_norm is BatchNormMode.TRAIN and signal is not Signal.ACTIVATION:
+        raise ValueError("batch_norm='train' applies to signal='activation' only")
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
     if order == 2 and signal is Signal.ACTIVATION:
         raise ValueError("order=2 needs signal='gradient' (activations have no Taylor expansion)")
     if signal is Signal.ACTIVATION:
-        return in_group_order(arch, _activation_scores(arch, variables, batches))
+        train = batch_norm is BatchNormMode.TRAIN
+        return in_group_order(arch, _activation_scores(arch, variables, batches, train))
     if order == 2:
         step = functools.partial(
             second_order_step,
@@ -133,22 +145,24 @@ def _mean_abs(per_example: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return jax.tree.map(lambda g: jnp.abs(g).mean(axis=0), per_example)
 
 
-@functools.partial(jax.jit, static_argnames=("arch",))
+@functools.partial(jax.jit, static_argnames=("arch", "train"))
 def _class_sums(
-    arch: Architecture, variables: Any, images: jax.Array, labels: jax.Array
+    arch: Architecture, variables: Any, images: jax.Array, labels: jax.Array, train: bool
 ) -> tuple[dict[str, list[jax.Array]], jax.Array]:
     """Per-class sums of every producer's output: group -> [f32[K, P, n]], and counts f32[K]."""
     onehot = jax.nn.one_hot(labels, arch.num_classes, dtype=jnp.float32)
-    outputs = filters.producer_outputs(arch, variables, images)
+    outputs = filters.producer_outputs(arch, variables, images, train)
     sums = {g: [jnp.einsum("nk,npc->kpc", onehot, y) for y in maps] for g, maps in outputs.items()}
     return sums, onehot.sum(axis=0)
 
 
-def _activation_scores(arch: Architecture, variables: Any, batches: Batches | None) -> Scores:
+def _activation_scores(
+    arch: Architecture, variables: Any, batches: Batches | None, train: bool
+) -> Scores:
     # The mean over batches of per-batch sums, divided by the mean of per-batch counts, is the
     # mean over all of a class's images, as the authors' code computes it.
     sums, counts = mean_over_batches(
-        lambda x, y: _class_sums(arch, variables, x, y.astype(jnp.int32)), batches
+        lambda x, y: _class_sums(arch, variables, x, y.astype(jnp.int32), train), batches
     )
     return _class_max(sums, counts)
 

@@ -41,6 +41,9 @@ class Conv(nn.Module):
         return y
 
 
+BATCH_NORM_MOMENTUM = 0.9  # running = m * running + (1 - m) * batch (PyTorch's momentum 0.1)
+
+
 def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
     """BatchNorm as PyTorch defines it (momentum 0.1 there = 0.9 here, eps 1e-5).
 
@@ -49,7 +52,7 @@ def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
     """
     return nn.BatchNorm(
         use_running_average=not train,
-        momentum=0.9,
+        momentum=BATCH_NORM_MOMENTUM,
         epsilon=1e-5,
         dtype=dtype,
         param_dtype=jnp.float32,

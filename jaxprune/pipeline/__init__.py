@@ -21,10 +21,17 @@ from jaxprune.pipeline.config import (
     TrainConfig,
     UserError,
 )
-from jaxprune.pipeline.pruning import check_budget, check_method, prune, prune_to
+from jaxprune.pipeline.pruning import (
+    DEFAULT_RECALIBRATE_BATCHES,
+    check_budget,
+    check_method,
+    prune,
+    prune_to,
+)
 from jaxprune.pipeline.training import evaluate, finetune, load, train
 
 __all__ = [
+    "DEFAULT_RECALIBRATE_BATCHES",
     "METRICS_FILE",
     "PRUNE_FILE",
     "Budget",

@@ -15,7 +15,7 @@ METRICS_FILE = "metrics.jsonl"
 PRUNE_FILE = "prune.json"
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem with the user's input or files; the message is one readable line."""
 
 
@@ -27,22 +27,9 @@ class Phase(enum.StrEnum):
     FINETUNE = "finetune"
 
 
-BudgetKind = select.Budget
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """What the pruned network may keep: ``ratio`` = FRACTION KEPT of MACs, params or filters."""
-
-    kind: BudgetKind
-    ratio: float
-
-    def __post_init__(self):
-        object.__setattr__(self, "kind", BudgetKind(self.kind))
-        if not 0 < self.ratio <= 1:
-            raise UserError(
-                f"--{self.kind.value}-ratio must be the fraction kept, in (0, 1]; got {self.ratio}"
-            )
+# One budget value from the command line to the selection (validated once, in select.Budget).
+Budget = select.Budget
+BudgetKind = select.BudgetKind
 
 
 # Fields that only change how a run is operated, not what it computes; may differ on resume.

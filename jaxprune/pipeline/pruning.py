@@ -1,7 +1,12 @@
-"""Pruning a workdir's checkpoint into a new workdir: score, select, cut, save."""
+"""Pruning a workdir's checkpoint into a new workdir: score, select, cut, re-estimate, save.
+
+The budget arrives as one `select.Budget`, the method as a name of `jaxprune.methods.METHODS`;
+both are checked, with the width rules, before anything is loaded or scored.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -9,51 +14,104 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
-from jaxprune import checkpoint, data, importance, models, select
+from jaxprune import checkpoint, data, importance, methods, models
 from jaxprune.flops import count_macs, count_params
 from jaxprune.graph import Architecture, groups
 from jaxprune.pipeline import common
-from jaxprune.pipeline.config import (
-    METRICS_FILE,
-    PRUNE_FILE,
-    Budget,
-    BudgetKind,
-    Phase,
-    TrainConfig,
-    UserError,
-)
-from jaxprune.select import Policy
+from jaxprune.pipeline.config import METRICS_FILE, PRUNE_FILE, Budget, Phase, TrainConfig, UserError
+from jaxprune.pipeline.training import finetune
+from jaxprune.select import CostModel, Policy, Ranking, WidthRules
+from jaxprune.select.budget import check_reachable
 from jaxprune.surgery import prune as prune_variables
 from jaxprune.surgery import prune_like
 from jaxprune.train import loop, parallel
+from jaxprune.train.batch_norm import recalibrate_batch_norm
 from jaxprune.train.optim import make_optimizer
 from jaxprune.train.step import state_from_variables
 
-
-def check_method(method: str) -> Any:
-    """The importance criterion named ``method``; refuses unknown names, listing the valid ones."""
-    criteria = importance.CRITERIA
-    if method not in criteria:
-        raise UserError(f"unknown method {method!r}; valid methods: {', '.join(criteria)}")
-    return criteria[method]
+# Batches (of the run's batch size) on which BatchNorm's statistics are re-estimated after a cut.
+DEFAULT_RECALIBRATE_BATCHES = 40
 
 
-def check_budget(arch: Architecture, budget: Budget, round_to: int) -> None:
-    """Refuses a budget below what keeping ``round_to`` channels of every group costs.
+def check_method(method: str) -> methods.Method:
+    """The registry entry named ``method``; ValueError listing the valid names otherwise."""
+    return methods.get(method)
 
-    The same cost model as `jaxprune.select.adaptive`, checked before any scoring.
+
+def check_budget(
+    arch: Architecture, budget: Budget, round_to: int = 1, rules: WidthRules | None = None
+) -> None:
+    """Refuses (ValueError) a budget below what the width rules let ``arch`` reach."""
+    check_reachable(arch, budget, rules or WidthRules(round_to=round_to))
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """How channels are chosen: a method and the selection settings that override its defaults.
+
+    Attributes:
+      method: the registry entry.
+      policy: the selection policy (None: the method's).
+      rules: the width rules, ``prunable`` resolved for the architecture.
+      ranking: what a global ranking orders by (None: the method's).
+      num_batches: scoring batches (None: the method's; its None is one epoch).
     """
-    if round_to < 1:
-        raise UserError(f"--round-to must be positive, got {round_to}")
-    cost = select.CostModel.build(arch, budget.kind)
-    smallest = select.min_widths(cost.full_widths, round_to)
-    floor = cost(smallest) / cost(cost.full_widths)
-    if budget.ratio < floor * (1 - 1e-12):
-        raise UserError(
-            f"impossible budget: --{budget.kind.value}-ratio {budget.ratio} is below {floor:.4g}, "
-            f"what {arch.name} keeps with {round_to} channel(s) in every group"
-        )
+
+    method: methods.Method
+    policy: Policy
+    rules: WidthRules
+    ranking: Ranking | None
+    num_batches: int | None
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method.name,
+            "policy": self.policy.value,
+            **self.rules.to_dict(),
+            "ranking": (self.ranking or self.method.ranking).value,
+        }
+
+
+def _selection(
+    arch: Architecture,
+    method: str,
+    budget: Budget,
+    *,
+    policy: Policy | str | None,
+    round_to: int,
+    max_pruning_ratio: float | None,
+    prunable: Sequence[str] | None,
+    ranking: Ranking | str | None,
+    num_batches: int | None,
+) -> Selection:
+    """Every pruning setting resolved and checked against ``arch`` and ``budget`` (no work done)."""
+    entry = methods.get(method)
+    if policy is None:
+        policy = entry.policy
+    try:
+        policy = Policy(policy)
+    except ValueError:
+        valid = ", ".join(p.value for p in Policy)
+        raise ValueError(f"unknown policy {policy!r}; valid policies: {valid}") from None
+    if ranking is not None:
+        ranking = Ranking(ranking)
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be positive, got {num_batches}")
+    if prunable is None:
+        prunable = entry.default_prunable(arch)
+    if policy is Policy.THRESHOLD:
+        rules = WidthRules(prunable=prunable)
+        if max_pruning_ratio is not None or round_to != 1:
+            raise ValueError(
+                "the threshold policy is the authors' rule (their own cap per layer): it takes "
+                "no max_pruning_ratio and no round_to"
+            )
+    else:
+        rules = WidthRules(round_to, 1, max_pruning_ratio, prunable)
+    check_reachable(arch, budget, rules)
+    return Selection(entry, policy, rules, ranking, num_batches)
 
 
 def _open_for_pruning(
@@ -61,8 +119,45 @@ def _open_for_pruning(
 ) -> tuple[int, dict, TrainConfig]:
     """(step, meta, config) of the checkpoint to prune; refuses a used ``out``."""
     if checkpoint.steps(out):
-        raise UserError(f"{out} already holds checkpoints; give a new --out directory")
+        raise UserError(f"{out} already holds checkpoints; give a new output directory")
     return common.open_checkpoint(workdir, restore_step, data_dir)
+
+
+def _training_images(source: common.Loaded, num_batches: int, augment: bool) -> list:
+    config = source.config
+    return [
+        (jax.numpy.asarray(images), jax.numpy.asarray(labels))
+        for images, labels in data.train_batches(
+            source.dataset,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            num_steps=num_batches,
+            augment=augment,
+        )
+    ]
+
+
+def _score(source: common.Loaded, selection: Selection, verbose: bool) -> tuple[Any, str]:
+    """(scores, what they were computed on) for the network in ``source``."""
+    arch, state, method = source.arch, source.state, selection.method
+    accumulated = int(jax.device_get(state.gfi.num_steps)) if state.gfi else 0
+    if method.name == "gfi" and accumulated:
+        # The training steps' own gate gradients (TrainConfig.collect_gfi): no extra pass.
+        common.say(verbose, f"scoring {arch.name} with gfi accumulated over {accumulated} steps")
+        return importance.gfi_accumulator_scores(state.gfi), f"training accumulator, {accumulated}"
+    batches, scored_on = None, "weights"
+    if method.needs_data:
+        count = selection.num_batches or method.data.num_batches
+        if count is None:
+            count = common.run_length(
+                dataclasses.replace(source.config, num_epochs=1, num_steps=None), source.dataset
+            )[1]
+        batches = _training_images(source, count, method.data.augment)
+        augmented = "augmented " if method.data.augment else ""
+        scored_on = f"{count} {augmented}training batches of {source.config.batch_size}"
+    common.say(verbose, f"scoring the channels of {arch.name} with {method.name}")
+    # On host: every process scores the same global batches on its own first device.
+    return method.score(arch, jax.device_get(state.variables), batches), scored_on
 
 
 def _write_pruned(
@@ -73,23 +168,35 @@ def _write_pruned(
     keep: Mapping[str, Any],
     how: dict,
     evaluate_before_after: bool,
+    recalibrate_batches: int,
     verbose: bool,
 ) -> dict:
     """Prunes ``source`` to ``keep`` and saves it as step 0 of ``out``, with its records.
 
     ``source`` is the checkpoint at ``step`` of ``workdir``; ``how`` says how ``keep`` was chosen.
+    BatchNorm's statistics are re-estimated on ``recalibrate_batches`` unaugmented training
+    batches (0: kept as sliced).
     """
     arch, state, config, mesh = source.arch, source.state, source.config, source.mesh
-    pruned_arch, pruned_variables = prune_variables(arch, state.variables, keep)
+    pruned_arch, cut_variables = prune_variables(arch, jax.device_get(state.variables), keep)
     opt_state = prune_like(arch, state.opt_state, keep)
     tx = make_optimizer(config.optimizer)
-    pruned_state = state_from_variables(
-        pruned_arch, pruned_variables, tx, mesh, opt_state, config.collect_gfi
-    )
+    pruned_variables = cut_variables
+    if recalibrate_batches and cut_variables.get("batch_stats"):
+        images = [x for x, _ in _training_images(source, recalibrate_batches, augment=False)]
+        pruned_variables = recalibrate_batch_norm(pruned_arch, cut_variables, images)
+
+    def state_of(variables):
+        return state_from_variables(pruned_arch, variables, tx, mesh, opt_state, config.collect_gfi)
+
+    pruned_state = state_of(pruned_variables)
     record = {
         "source": str(Path(workdir).absolute()),
         "source_step": step,
         **how,
+        "batch_norm_recalibrated_on": recalibrate_batches
+        if pruned_variables is not cut_variables
+        else 0,
         "widths_before": dict(groups(arch)),
         "widths_after": dict(groups(pruned_arch)),
         "macs_before": count_macs(arch),
@@ -98,10 +205,13 @@ def _write_pruned(
         "params_after": count_params(pruned_arch),
     }
     if evaluate_before_after:
-        before = common.evaluator(arch, source.dataset, mesh, config)(state)
-        record["accuracy_before"] = before["accuracy"]
-        after = common.evaluator(pruned_arch, source.dataset, mesh, config)(pruned_state)
-        record["accuracy_after"] = after["accuracy"]
+        record["accuracy_before"] = common.evaluator(arch, source.dataset, mesh, config)(state)[
+            "accuracy"
+        ]
+        evaluate = common.evaluator(pruned_arch, source.dataset, mesh, config)
+        if pruned_variables is not cut_variables:
+            record["accuracy_at_cut"] = evaluate(state_of(cut_variables))["accuracy"]
+        record["accuracy_after"] = evaluate(pruned_state)["accuracy"]
     out.mkdir(parents=True, exist_ok=True)
     pruned_meta = {
         "arch": pruned_arch.to_dict(),
@@ -125,9 +235,50 @@ def _write_pruned(
         f"{record['params_before']:,} -> {record['params_after']:,}"
     )
     if evaluate_before_after:
-        line += f", accuracy {record['accuracy_before']:.4f} -> {record['accuracy_after']:.4f}"
+        line += f", accuracy {record['accuracy_before']:.4f} -> "
+        if "accuracy_at_cut" in record:
+            line += f"{record['accuracy_at_cut']:.4f} at the cut, BatchNorm re-estimated: "
+        line += f"{record['accuracy_after']:.4f}"
+    if how.get("bound_by_rules"):
+        line += f"; held at their floor: {', '.join(how['bound_by_rules'])}"
     common.say(verbose, line)
     return record
+
+
+def _prune_once(
+    workdir: str | os.PathLike,
+    out: Path,
+    step: int,
+    meta: dict,
+    config: TrainConfig,
+    budget: Budget,
+    selection: Selection,
+    *,
+    recalibrate_batches: int,
+    evaluate_before_after: bool,
+    devices: Sequence[jax.Device] | None,
+    verbose: bool,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
+    source = common.load_run(workdir, step, meta, config, devices)
+    scores, scored_on = _score(source, selection, verbose)
+    arch = source.arch
+    keep = selection.method.select(
+        arch, scores, budget, selection.rules, selection.policy, selection.ranking
+    )
+    names = tuple(groups(arch))
+    widths = np.array([len(keep[g]) for g in names])
+    full = np.array(list(groups(arch).values()))
+    how = {
+        **selection.to_dict(),
+        "budget": {"kind": budget.kind.value, "ratio": budget.ratio},
+        "scored_on": scored_on,
+        "bound_by_rules": selection.rules.binding(names, full, widths),
+        **(extra or {}),
+    }
+    return _write_pruned(
+        workdir, step, source, out, keep, how, evaluate_before_after, recalibrate_batches, verbose
+    )
 
 
 def prune(
@@ -137,8 +288,14 @@ def prune(
     budget: Budget,
     *,
     round_to: int = 1,
-    policy: Policy | str = "adaptive",
-    num_batches: int = 8,
+    policy: Policy | str | None = None,
+    max_pruning_ratio: float | None = None,
+    prunable: Sequence[str] | None = None,
+    ranking: Ranking | str | None = None,
+    num_batches: int | None = None,
+    recalibrate_batches: int = DEFAULT_RECALIBRATE_BATCHES,
+    rounds: int = 1,
+    round_steps: int | None = None,
     restore_step: int | None = None,
     data_dir: str | None = None,
     evaluate_before_after: bool = True,
@@ -147,80 +304,114 @@ def prune(
 ) -> dict:
     """Prunes the checkpoint in ``workdir`` to ``budget`` and writes it to the new workdir ``out``.
 
-    Scores come from ``jaxprune.importance.CRITERIA[method]`` on ``num_batches`` training batches
-    (no augmentation), channels are chosen by ``jaxprune.select.adaptive`` (``policy="uniform"``:
-    `jaxprune.select.uniform`, the same fraction of every group), and `jaxprune.prune`
-    removes them. The optimizer state is sliced with `jaxprune.prune_like`, so `finetune`
-    continues from it. ``out/prune.json`` and a ``metrics.jsonl`` row record the widths of every
-    group before and after, MACs and params (and accuracies before and after, if evaluated).
-    Unknown methods, a used ``out`` and budgets below what the network can reach are refused
-    before anything is computed.
+    Scores come from ``jaxprune.methods.get(method)`` (its criterion on its scoring data), channels
+    are chosen by its policy under the width rules, `jaxprune.prune` removes them, and BatchNorm's
+    statistics are re-estimated on ``recalibrate_batches`` training batches. The optimizer state
+    is sliced with `jaxprune.prune_like`, so `finetune` continues from it. ``out/prune.json`` and
+    a ``metrics.jsonl`` row record the widths of every group before and after, MACs and params,
+    the accuracies before, at the cut and after re-estimation (if evaluated), and which groups the
+    rules held at their floor.
+
+    With ``rounds=K > 1`` the budget is reached in K rounds of pruning, re-scoring and
+    ``round_steps`` fine-tuning steps (Taylor-FO-BN's protocol); round i keeps
+    ``1 - (1 - ratio) * i / K`` of the starting cost. The rounds' workdirs stay in
+    ``out/rounds/``; the last is written to ``out``. ``max_pruning_ratio`` holds against the
+    starting widths.
+
+    Args:
+      workdir: the trained (or fine-tuned) run.
+      out: a new workdir.
+      method: a name of `jaxprune.methods.METHODS`.
+      budget: what the pruned network keeps.
+      round_to: every width a multiple of this (or full).
+      policy: ``"adaptive"``, ``"uniform"`` or ``"threshold"``; None: the method's.
+      max_pruning_ratio: no group loses more than this fraction of its channels.
+      prunable: glob patterns of the groups that may be cut; None: the method's default.
+      ranking: ``"score"`` or ``"score_per_cost"`` for the adaptive policy; None: the method's.
+      num_batches: scoring batches; None: the method's (one epoch for ``gfi_ap_authors``).
+      recalibrate_batches: BatchNorm re-estimation batches after the cut; 0: none.
+      rounds: pruning rounds; round_steps: fine-tuning steps between rounds (required if > 1).
+      restore_step, data_dir, devices, verbose: as for `train`.
+      evaluate_before_after: evaluate the networks on the test split.
 
     Returns:
       The record written to ``out/prune.json``.
+
+    Raises:
+      ValueError: before any work, for an unknown method or policy, bad rules, or a budget the
+        rules make unreachable; `UserError` for a used ``out`` or a missing checkpoint.
     """
     out = Path(out)
-    criterion = check_method(method)
-    try:
-        policy = Policy(policy)
-    except ValueError:
-        raise UserError(
-            f"unknown policy {policy!r}; valid policies: {', '.join(p.value for p in Policy)}"
-        ) from None
-    if policy is Policy.UNIFORM and budget.kind is BudgetKind.FILTERS:
-        raise UserError("--policy uniform takes a --macs-ratio or --params-ratio budget")
+    if int(rounds) != rounds or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds}")
+    if rounds > 1 and (round_steps is None or round_steps < 1):
+        raise ValueError("pruning in several rounds needs round_steps > 0 fine-tuning steps")
+    if recalibrate_batches < 0:
+        raise ValueError(f"recalibrate_batches must be >= 0, got {recalibrate_batches}")
     step, meta, config = _open_for_pruning(workdir, out, restore_step, data_dir)
-    check_budget(models.from_dict(meta["arch"]), budget, round_to)
-    source = common.load_run(workdir, step, meta, config, devices)
-    arch, state = source.arch, source.state
-    how = {}
-    accumulated = int(jax.device_get(state.gfi.num_steps)) if state.gfi else 0
-    if method == "gfi" and accumulated:
-        common.say(
-            verbose, f"scoring the channels of {arch.name} with gfi over {accumulated} steps"
+    arch = models.from_dict(meta["arch"])
+    settings = dict(
+        policy=policy,
+        round_to=round_to,
+        max_pruning_ratio=max_pruning_ratio,
+        prunable=prunable,
+        ranking=ranking,
+        num_batches=num_batches,
+    )
+    selection = _selection(arch, method, budget, **settings)
+    common_args = dict(
+        recalibrate_batches=recalibrate_batches,
+        evaluate_before_after=evaluate_before_after,
+        devices=devices,
+        verbose=verbose,
+    )
+    if rounds == 1:
+        return _prune_once(workdir, out, step, meta, config, budget, selection, **common_args)
+
+    cost = CostModel.build(arch, budget.kind)
+    start_cost = cost(cost.full_widths)
+    floors = dict(
+        zip(
+            cost.group_names,
+            selection.rules.floors(cost.group_names, cost.full_widths),
+            strict=True,
         )
-        scores = importance.gfi_accumulator_scores(state.gfi)
-        how["scored_on"] = f"training accumulator, {accumulated} steps"
-    else:
-        batches = None
-        if method in importance.NEEDS_BATCHES:
-            batches = [
-                (jax.numpy.asarray(images), jax.numpy.asarray(labels))
-                for images, labels in data.train_batches(
-                    source.dataset,
-                    global_batch_size=config.batch_size,
-                    seed=config.seed,
-                    num_steps=num_batches,
-                    augment=False,
-                )
-            ]
-            how["scored_on"] = f"{num_batches} training batches of {config.batch_size}"
-        common.say(verbose, f"scoring the channels of {arch.name} with {method}")
-        # On host: every process scores the same global batches on its own first device.
-        scores = criterion(arch, jax.device_get(state.variables), batches=batches)
-    try:
-        if policy is Policy.ADAPTIVE:
-            keep = select.adaptive(
-                arch,
-                scores,
-                round_to=round_to,
-                normalize=importance.DEFAULT_NORMALIZE.get(method),
-                **{f"{budget.kind.value}_ratio": budget.ratio},
-            )
-        else:
-            keep = select.uniform(
-                arch, scores, round_to=round_to, **{f"{budget.kind.value}_ratio": budget.ratio}
-            )
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    how = {
-        "method": method,
-        "policy": policy.value,
-        "budget": {"kind": budget.kind.value, "ratio": budget.ratio},
-        "round_to": round_to,
-        **how,
-    }
-    return _write_pruned(workdir, step, source, out, keep, how, evaluate_before_after, verbose)
+    )
+    round_rules = dataclasses.replace(selection.rules, max_pruning_ratio=None, at_least=floors)
+    current, current_step, history = Path(workdir), step, []
+    for i in range(1, rounds + 1):
+        target = 1.0 - (1.0 - budget.ratio) * i / rounds
+        now = CostModel.build(models.from_dict(meta["arch"]), budget.kind)
+        round_budget = Budget(budget.kind, min(1.0, target * start_cost / now(now.full_widths)))
+        round_out = out if i == rounds else out / "rounds" / f"round{i}"
+        common.say(
+            verbose, f"round {i}/{rounds}: keeping {target:.4g} of the starting {budget.kind.value}"
+        )
+        round_selection = dataclasses.replace(selection, rules=round_rules)
+        extra = {"round": i, "rounds": rounds, "round_target": target, "history": history}
+        record = _prune_once(
+            current,
+            round_out,
+            current_step,
+            meta,
+            config,
+            round_budget,
+            round_selection,
+            extra=extra,
+            **common_args,
+        )
+        history = [
+            *history,
+            {
+                k: record.get(k)
+                for k in ("round", "round_target", "macs_after", "params_after", "accuracy_after")
+            },
+        ]
+        if i < rounds:
+            finetune(round_out, num_steps=round_steps, devices=devices, verbose=verbose)
+            current, current_step = round_out, common.pick_step(round_out, None)
+            meta = common.read_meta(round_out, current_step)
+    return record
 
 
 def prune_to(
@@ -228,6 +419,7 @@ def prune_to(
     out: str | os.PathLike,
     keep: Mapping[str, Any],
     *,
+    recalibrate_batches: int = 0,
     restore_step: int | None = None,
     data_dir: str | None = None,
     evaluate_before_after: bool = True,
@@ -239,4 +431,6 @@ def prune_to(
     step, meta, config = _open_for_pruning(workdir, out, restore_step, data_dir)
     source = common.load_run(workdir, step, meta, config, devices)
     how = {"method": "given"}
-    return _write_pruned(workdir, step, source, out, keep, how, evaluate_before_after, verbose)
+    return _write_pruned(
+        workdir, step, source, out, keep, how, evaluate_before_after, recalibrate_batches, verbose
+    )

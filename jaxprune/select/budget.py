@@ -1,12 +1,20 @@
-"""Budgets and one-shot selection: `adaptive` (GFI-AP's global ranking) and `uniform`.
+"""Budgets and the widths a selection may choose.
 
-A `CostModel` gives a network's MACs, params or filter count as a function of its group widths, so
-a selection probes thousands of candidate widths without recounting the architecture.
+A `Budget` is one value — what is counted (MACs, params or filters) and the fraction kept — built
+once (by the caller or the command line) and passed down unchanged. A `CostModel` gives a
+network's MACs, params or filter count as a function of its group widths, so a selection probes
+thousands of candidate widths without recounting the architecture. `WidthRules` says how narrow
+each group may go: rounding, a minimum, ``max_pruning_ratio`` and ``prunable`` (the controls a
+global ranking needs so that it cannot empty a layer).
 """
+
+from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable, Mapping
+import fnmatch
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,12 +40,66 @@ class Policy(enum.StrEnum):
 
     ADAPTIVE = "adaptive"  # one global ranking (GFI-AP): non-uniform widths
     UNIFORM = "uniform"  # the same fraction of every group
+    THRESHOLD = "threshold"  # GFI-AP's released code: one global score threshold, capped
 
 
-class Budget(enum.StrEnum):
+class Ranking(enum.StrEnum):
+    """What a global ranking (`adaptive`) orders channels by."""
+
+    SCORE = "score"  # lowest (normalised) score first
+    SCORE_PER_COST = "score_per_cost"  # lowest score per unit of cost saved first (knapsack-greedy)
+
+
+class BudgetKind(enum.StrEnum):
+    """What a budget counts."""
+
     MACS = "macs"
     PARAMS = "params"
     FILTERS = "filters"
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What the pruned network may keep: ``ratio`` = the FRACTION KEPT of ``kind``, in (0, 1].
+
+    ``Budget("macs", 0.5)`` keeps half the MACs; ``Budget("filters", 1 - p)`` is GFI-AP's "prune a
+    fraction p of the filters". Validated once, here.
+    """
+
+    kind: BudgetKind
+    ratio: float
+
+    def __post_init__(self):
+        try:
+            kind = BudgetKind(self.kind)
+        except ValueError:
+            valid = ", ".join(k.value for k in BudgetKind)
+            raise ValueError(f"unknown budget kind {self.kind!r}; valid kinds: {valid}") from None
+        object.__setattr__(self, "kind", kind)
+        ratio = float(self.ratio)
+        if not 0.0 < ratio <= 1.0:  # also refuses NaN
+            raise ValueError(
+                f"{kind.value}_ratio is the fraction kept and must lie in (0, 1], got {ratio}"
+            )
+        object.__setattr__(self, "ratio", ratio)
+
+    @classmethod
+    def from_ratios(cls, budget: Budget | None = None, **ratios: float | None) -> Budget:
+        """The one budget given either as ``budget`` or as exactly one ``<kind>_ratio=`` keyword."""
+        given = {k: v for k, v in ratios.items() if v is not None}
+        if (budget is not None) + len(given) != 1:
+            names = ", ".join(["budget", *ratios])
+            raise ValueError(
+                f"give exactly one of {names} (the fraction kept); got "
+                f"{sorted(given) + (['budget'] if budget is not None else [])}"
+            )
+        if budget is not None:
+            return budget if isinstance(budget, Budget) else cls(*budget)
+        ((name, ratio),) = given.items()
+        return cls(BudgetKind(name.removesuffix("_ratio")), ratio)
+
+    def __str__(self) -> str:
+        return f"{self.ratio:.4g} of the {self.kind.value}"
 
 
 def normalize_scores(scores: Scores, normalize: Normalize | str | None) -> dict[str, np.ndarray]:
@@ -83,13 +145,14 @@ class CostModel:
     def build(
         cls,
         arch: Architecture,
-        budget: Budget,
+        budget: BudgetKind | Budget,
         input_shape: tuple[int, int, int] | None = None,
-    ) -> "CostModel":
+    ) -> CostModel:
+        kind = budget.kind if isinstance(budget, Budget) else BudgetKind(budget)
         sizes = groups(arch)
         names = tuple(sizes)
         index = {g: i for i, g in enumerate(names)}
-        count = layer_macs if budget is Budget.MACS else layer_params
+        count = layer_macs if kind is BudgetKind.MACS else layer_params
         layers = [layer for layer in arch.layers(input_shape)]
         coef = np.zeros((len(layers), 4))
         for i, layer in enumerate(layers):
@@ -108,7 +171,7 @@ class CostModel:
             fixed_in=np.array([layer.in_channels for layer in layers], np.float64),
             fixed_out=np.array([layer.out_channels for layer in layers], np.float64),
             coef=coef,
-            filters_only=budget is Budget.FILTERS,
+            filters_only=kind is BudgetKind.FILTERS,
         )
 
     def __call__(self, widths: np.ndarray) -> float:
@@ -121,6 +184,18 @@ class CostModel:
         a, b, c, d = self.coef.T
         return float(np.sum(a * cin * cout + b * cout + c * cin + d))
 
+    def channel_costs(self) -> np.ndarray:
+        """f64[G]: what removing one channel of each group saves, from the full network.
+
+        Every layer's cost is bilinear in its widths, so this is the first-order saving: a conv
+        on 1x1 maps saves 1/64 of what one on 8x8 maps saves.
+        """
+        full = self.full_widths
+        base = self(full)
+        return np.array(
+            [base - self(full - np.eye(full.size, dtype=np.int64)[g]) for g in range(full.size)]
+        )
+
 
 def check_ratio(name: str, ratio: float) -> float:
     ratio = float(ratio)
@@ -129,7 +204,11 @@ def check_ratio(name: str, ratio: float) -> float:
     return ratio
 
 
-def _check_scores(arch: Architecture, scores: Scores) -> dict[str, int]:
+def check_scores(arch: Architecture, scores: Scores) -> dict[str, int]:
+    """The group sizes, after checking ``scores`` has exactly those groups, shapes, finite values.
+
+    NaN or infinite scores (a diverged run) are refused by every policy: a NaN ranks nowhere.
+    """
     sizes = groups(arch)
     unknown = sorted(set(scores) - set(sizes))
     missing = [g for g in sizes if g not in scores]
@@ -139,9 +218,11 @@ def _check_scores(arch: Architecture, scores: Scores) -> dict[str, int]:
             f"missing: {missing}"
         )
     for g, n in sizes.items():
-        shape = np.shape(scores[g])
-        if shape != (n,):
-            raise ValueError(f"group {g!r}: scores have shape {shape}, expected ({n},)")
+        values = np.asarray(scores[g])
+        if values.shape != (n,):
+            raise ValueError(f"group {g!r}: scores have shape {values.shape}, expected ({n},)")
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"group {g!r}: scores contain NaN or infinite values")
     return sizes
 
 
@@ -166,229 +247,130 @@ def legal_widths(
     return np.maximum(rounded, min_widths(full_widths, round_to, min_keep))
 
 
-def one_budget(**ratios: float | None) -> tuple[Budget, float]:
-    given = {k: v for k, v in ratios.items() if v is not None}
-    if len(given) != 1:
+def matching_groups(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The ``names`` matched by any glob pattern (``fnmatch``: ``*`` also crosses ``/``).
+
+    Raises:
+      ValueError: a pattern that matches no group (a typo would silently freeze nothing).
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(
+                f"prunable pattern {pattern!r} matches no group; groups: {', '.join(names)}"
+            )
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthRules:
+    """How narrow each group may go (the constraints every policy honours).
+
+    Attributes:
+      round_to: every width a multiple of this, or the group's full width.
+      min_keep: channels every prunable group keeps at least.
+      max_pruning_ratio: no group loses more than this fraction of its channels (None: no cap).
+      prunable: glob patterns of the groups that may be cut (None: all); the others keep every
+        channel and still count in the budget.
+      at_least: ``{group: width}`` absolute floors (a sequential procedure holds its starting
+        network's ``max_pruning_ratio`` this way across rounds).
+    """
+
+    round_to: int = 1
+    min_keep: int = 1
+    max_pruning_ratio: float | None = None
+    prunable: tuple[str, ...] | None = None
+    at_least: Mapping[str, int] | None = None
+
+    def __post_init__(self):
+        check_rounding(self.round_to, self.min_keep)
+        r = self.max_pruning_ratio
+        if r is not None and not 0.0 <= r < 1.0:
+            raise ValueError(
+                f"max_pruning_ratio is the largest fraction of a group removed, in [0, 1); got {r}"
+            )
+        if isinstance(self.prunable, str):
+            object.__setattr__(self, "prunable", (self.prunable,))
+        elif self.prunable is not None:
+            object.__setattr__(self, "prunable", tuple(self.prunable))
+
+    def frozen(self, names: Sequence[str]) -> np.ndarray:
+        """bool[G]: the groups ``prunable`` leaves whole."""
+        if self.prunable is None:
+            return np.zeros(len(names), bool)
+        cut = set(matching_groups(names, self.prunable))
+        return np.array([n not in cut for n in names])
+
+    def floors(self, names: Sequence[str], full: np.ndarray) -> np.ndarray:
+        """int[G]: the smallest legal width of each group under every rule."""
+        floor = min_widths(full, self.round_to, self.min_keep)
+        if self.max_pruning_ratio is not None:
+            capped = np.array([math.ceil(n * (1 - self.max_pruning_ratio) - 1e-9) for n in full])
+            floor = np.maximum(floor, self.legal(capped, full, floor))
+        if self.at_least is not None:
+            given = np.array([self.at_least.get(n, 0) for n in names])
+            floor = np.maximum(floor, self.legal(np.minimum(given, full), full, floor))
+        return np.where(self.frozen(names), full, floor)
+
+    def legal(self, wanted: np.ndarray, full: np.ndarray, floors: np.ndarray) -> np.ndarray:
+        """``wanted`` rounded up to ``round_to`` (or full), and at least ``floors``."""
+        rounded = np.minimum(-(-np.asarray(wanted) // self.round_to) * self.round_to, full)
+        return np.maximum(rounded, floors)
+
+    def binding(self, names: Sequence[str], full: np.ndarray, widths: np.ndarray) -> list[str]:
+        """Groups held at a floor that ``max_pruning_ratio`` or ``prunable`` raised."""
+        plain = min_widths(full, self.round_to, self.min_keep)
+        floors = self.floors(names, full)
+        held = (widths <= floors) & (floors > plain)
+        return [n for n, h in zip(names, held, strict=True) if h]
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["prunable"] = list(self.prunable) if self.prunable is not None else None
+        out.pop("at_least")
+        return out
+
+
+def check_reachable(
+    arch: Architecture, budget: Budget, rules: WidthRules, input_shape=None
+) -> CostModel:
+    """The `CostModel` of ``budget``'s kind, after refusing a budget the rules make unreachable.
+
+    Raises:
+      ValueError: naming the groups whose floors bind (the cap, the frozen groups) and how far
+        the smallest network allowed lies above the budget.
+    """
+    cost = CostModel.build(arch, budget.kind, input_shape)
+    full = cost.full_widths
+    floors = rules.floors(cost.group_names, full)
+    smallest = cost(floors) / cost(full)
+    if smallest > budget.ratio * (1 + 1e-12):
+        plain = min_widths(full, rules.round_to, rules.min_keep)
+        excess = {
+            g: cost(np.where(np.arange(full.size) == i, plain, floors)) - cost(floors)
+            for i, g in enumerate(cost.group_names)
+            if floors[i] > plain[i]
+        }
+        binding = sorted(excess, key=excess.get)[:8]
+        why = f"min_keep={rules.min_keep} and round_to={rules.round_to}"
+        if binding:
+            why += (
+                f", max_pruning_ratio={rules.max_pruning_ratio} and prunable="
+                f"{list(rules.prunable) if rules.prunable else None} (binding groups: "
+                f"{', '.join(binding)}{', ...' if len(excess) > 8 else ''})"
+            )
         raise ValueError(
-            f"give exactly one of {', '.join(ratios)} (the fraction kept); got {sorted(given)}"
+            f"{budget.kind.value} budget {budget.ratio:.4g} is impossible: with {why} the "
+            f"smallest network keeps {smallest:.4g} of them"
         )
-    ((name, ratio),) = given.items()
-    return Budget(name.removesuffix("_ratio")), check_ratio(name, ratio)
+    return cost
 
 
-def _top_keep(scores: dict[str, np.ndarray], names: tuple[str, ...], widths: np.ndarray) -> Keep:
+def top_keep(scores: dict[str, np.ndarray], names: Sequence[str], widths: np.ndarray) -> Keep:
     """Per group, the increasing indices of the ``width`` highest-scored channels (stable)."""
     keep = {}
     for g, width in zip(names, widths, strict=True):
         order = np.argsort(scores[g], kind="stable")  # ascending; ties: lower index first
         keep[g] = np.sort(order[order.size - int(width) :])
     return keep
-
-
-def _remove_lowest_first(
-    cost: CostModel,
-    ordered_groups: np.ndarray,
-    budget: float,
-    floor: float,
-    round_to: int,
-    min_keep: int,
-) -> np.ndarray:
-    """Widths after removing channels in the given order (their groups) down to ``budget``.
-
-    Removing the i lowest channels takes group g down to ``legal(n_g - removed_g)``. The longest
-    prefix still over the budget is found by bisection; from there, a removal that would land at
-    or under the budget is taken only if it lands at or above ``floor``, otherwise that channel is
-    kept (its removal overshoots: a whole rounded unit, or one channel of an expensive early conv)
-    and removal goes on down the order. If nothing lands in ``[floor, budget]``, the shortest
-    prefix under the budget is taken and removed units are re-added, best first, while it holds.
-    """
-    full, n_groups = cost.full_widths, cost.full_widths.size
-
-    def widths_after(removed: np.ndarray) -> np.ndarray:
-        return legal_widths(full - removed, full, round_to, min_keep)
-
-    def prefix(k: int) -> np.ndarray:
-        return np.bincount(ordered_groups[:k], minlength=n_groups)
-
-    lo, hi = 0, ordered_groups.size  # the whole order is under the budget (checked)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cost(widths_after(prefix(mid))) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    if lo == 0:
-        return full.copy()
-
-    removed = prefix(lo - 1)
-    for g in ordered_groups[lo - 1 :]:
-        trial = removed.copy()
-        trial[g] += 1
-        trial_cost = cost(widths_after(trial))
-        if trial_cost > budget:
-            removed = trial
-        elif trial_cost >= floor:
-            return widths_after(trial)
-
-    # Re-adding a unit of a group only gets dearer as other groups grow: a group that fails is done.
-    widths = widths_after(prefix(lo))
-    done = np.zeros(n_groups, bool)
-    for g in ordered_groups[lo - 1 :: -1]:
-        if done[g] or widths[g] >= full[g]:
-            continue
-        trial = widths.copy()
-        trial[g] = legal_widths(widths[g] + 1, full[g], round_to, min_keep)
-        if cost(trial) <= budget:
-            widths = trial
-        else:
-            done[g] = True
-    return widths
-
-
-def adaptive(
-    arch: Architecture,
-    scores: Scores,
-    input_shape: tuple[int, int, int] | None = None,
-    macs_ratio: float | None = None,
-    params_ratio: float | None = None,
-    filters_ratio: float | None = None,
-    round_to: int = 1,
-    min_keep: int = 1,
-    normalize: Normalize | str | None = None,
-    tolerance: float = 0.005,
-) -> Keep:
-    """GFI-AP's adaptive pruning: one global ranking, lowest channels removed first.
-
-    All channels of all groups are sorted by (normalised) score and removed lowest first until the
-    network is at or under the budget. Widths are rounded up to a multiple of ``round_to`` (or stay
-    full) and never fall below ``min_keep``: a group at its minimum is skipped while removal goes
-    on elsewhere. To land close to the budget, a removal that would take the network more than
-    ``tolerance`` under it (a whole rounded unit, or one channel of an expensive early conv: 14% of
-    LeNet-5's MACs) is skipped and removal goes on down the ranking. Widths come out non-uniform
-    whenever scores differ between groups. Each probe evaluates the `CostModel` in O(layers):
-    ResNet-50 (11,456 channels) takes milliseconds.
-
-    Args:
-      arch: the architecture the scores belong to.
-      scores: ``{group: f[n]}`` for every group; higher means keep.
-      input_shape: (H, W, C) for counting MACs; default the architecture's.
-      macs_ratio: fraction of the MACs kept, in (0, 1].
-      params_ratio: fraction of the parameters kept.
-      filters_ratio: fraction of all channels kept (``1 - p`` for GFI-AP's pruning fraction p).
-      round_to: every width a multiple of this, or the group's full width.
-      min_keep: channels every group keeps at least.
-      normalize: per-group rescaling before the global ranking (see
-        ``jaxprune.importance.DEFAULT_NORMALIZE`` for each criterion's); None: scores as given.
-      tolerance: how far under the budget the result may land, as a fraction of the full cost
-        (for MACs and params; a filters budget lands exactly). ``1.0``: strict lowest-first
-        order, whatever the overshoot.
-
-    Returns:
-      ``{group: int64[k]}`` increasing indices for every group.
-
-    Raises:
-      ValueError: before any work, for not exactly one ratio, a ratio outside (0, 1], bad
-        ``round_to``/``min_keep``, scores whose groups or shapes do not match, or a budget below
-        the cost of the smallest network ``min_keep`` and ``round_to`` allow.
-
-    References:
-      Mondal et al. 2022 (GFI-AP), Computer Vision and Image Understanding.
-    """
-    budget_kind, ratio = one_budget(
-        macs_ratio=macs_ratio, params_ratio=params_ratio, filters_ratio=filters_ratio
-    )
-    check_rounding(round_to, min_keep)
-    _check_scores(arch, scores)
-    if not 0.0 <= tolerance <= 1.0:
-        raise ValueError(f"tolerance is a fraction of the full cost in [0, 1], got {tolerance}")
-    cost = CostModel.build(arch, budget_kind, input_shape)
-    full = cost.full_widths
-    budget = ratio * cost(full)
-    smallest = cost(min_widths(full, round_to, min_keep))
-    if smallest > budget * (1 + 1e-12):
-        raise ValueError(
-            f"{budget_kind} budget {ratio:.4g} is impossible: with min_keep={min_keep} and "
-            f"round_to={round_to} the smallest network keeps {smallest / cost(full):.4g} of them"
-        )
-
-    names = cost.group_names
-    normalized = normalize_scores(scores, normalize)
-    flat = np.concatenate([normalized[g] for g in names])
-    if not np.all(np.isfinite(flat)):
-        raise ValueError("scores contain NaN or infinite values")
-    group_of = np.repeat(np.arange(len(names)), full)
-    order = np.argsort(flat, kind="stable")
-    widths = _remove_lowest_first(
-        cost, group_of[order], budget, budget - tolerance * cost(full), round_to, min_keep
-    )
-    return _top_keep(normalized, names, widths)
-
-
-def uniform(
-    arch: Architecture,
-    scores: Scores,
-    ratio: float | None = None,
-    round_to: int = 1,
-    min_keep: int = 1,
-    *,
-    macs_ratio: float | None = None,
-    params_ratio: float | None = None,
-    input_shape: tuple[int, int, int] | None = None,
-) -> Keep:
-    """The same fraction kept in every group: the baseline GFI-AP's adaptive widths beat.
-
-    With ``ratio``, each group keeps its ``round(ratio * n)`` best channels, rounded to the nearest
-    multiple of ``round_to`` (or full), at least ``min_keep``. With ``macs_ratio`` or
-    ``params_ratio`` instead, the per-group fraction is the largest (found by bisection) whose
-    network keeps at most that fraction of the MACs or params, so uniform and `adaptive` can be
-    compared at the same cost.
-
-    Args:
-      arch: the architecture.
-      scores: ``{group: f[n]}`` for every group; higher means keep.
-      ratio: fraction kept per group, in (0, 1].
-      round_to: widths a multiple of this, or full.
-      min_keep: channels every group keeps at least.
-      macs_ratio: fraction of the network's MACs kept, in (0, 1] (instead of ``ratio``).
-      params_ratio: fraction of the network's params kept (instead of ``ratio``).
-      input_shape: (H, W, C) for counting MACs; default the architecture's.
-
-    Returns:
-      ``{group: int64[k]}`` increasing indices for every group.
-
-    Raises:
-      ValueError: before any work, for not exactly one of the ratios, a ratio outside (0, 1], bad
-        ``round_to``/``min_keep``, or a budget below what ``min_keep``/``round_to`` allow.
-    """
-    given = {"ratio": ratio, "macs_ratio": macs_ratio, "params_ratio": params_ratio}
-    if sum(v is not None for v in given.values()) != 1:
-        raise ValueError(f"give exactly one of {', '.join(given)}")
-    check_rounding(round_to, min_keep)
-    sizes = _check_scores(arch, scores)
-    names = tuple(sizes)
-    full = np.array([sizes[g] for g in names], np.int64)
-
-    def widths_at(fraction: float) -> np.ndarray:
-        nearest = np.floor(fraction * full / round_to + 0.5).astype(np.int64) * round_to
-        return legal_widths(nearest, full, round_to, min_keep)
-
-    if ratio is not None:
-        widths = widths_at(check_ratio("ratio", ratio))
-    else:
-        kind = Budget.MACS if macs_ratio is not None else Budget.PARAMS
-        target = check_ratio(
-            f"{kind}_ratio", macs_ratio if macs_ratio is not None else params_ratio
-        )
-        cost = CostModel.build(arch, kind, input_shape)
-        budget = target * cost(full)
-        if cost(widths_at(0.0)) > budget * (1 + 1e-12):
-            raise ValueError(
-                f"{kind} budget {target:.4g} is impossible for uniform widths with "
-                f"min_keep={min_keep} and round_to={round_to}"
-            )
-        lo, hi = 0.0, 1.0  # cost(widths_at(lo)) <= budget always holds
-        for _ in range(50):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if cost(widths_at(mid)) <= budget else (lo, mid)
-        widths = widths_at(lo)
-    return _top_keep(normalize_scores(scores, None), names, widths)

@@ -14,16 +14,18 @@ from flax import traverse_util
 
 from jaxprune.graph import Architecture, group_layers, groups
 from jaxprune.select.budget import (
+    Budget,
     CostModel,
     Keep,
     Normalize,
+    Ranking,
     Scores,
-    adaptive,
+    WidthRules,
+    check_reachable,
     check_rounding,
     legal_widths,
-    min_widths,
-    one_budget,
 )
+from jaxprune.select.oneshot import adaptive_with
 from jaxprune.surgery import prune
 
 Criterion = Callable[[Architecture, Any], Scores]
@@ -245,63 +247,65 @@ def iterative(
     macs_ratio: float | None = None,
     params_ratio: float | None = None,
     filters_ratio: float | None = None,
+    budget: Budget | None = None,
     finetune: Finetune | None = None,
     round_to: int = 1,
     min_keep: int = 1,
     normalize: Normalize | str | None = None,
     tolerance: float = 0.005,
+    max_pruning_ratio: float | None = None,
+    prunable: list[str] | None = None,
+    ranking: Ranking | str = Ranking.SCORE,
 ) -> PruneResult:
     """``rounds`` rounds of: score the current network, `adaptive` prune, fine-tune.
 
     Round i aims at ``1 - (1 - ratio) * i / rounds`` of the starting network's cost, so equal
-    amounts go each round and the last lands on the budget.
+    amounts go each round and the last lands on the budget. ``max_pruning_ratio`` holds against
+    the *starting* widths across all rounds.
 
     Args:
       arch, variables: the starting network.
       criterion: ``(arch, variables) -> {group: f[n]}``.
       rounds: number of rounds, at least 1.
-      input_shape, macs_ratio, params_ratio, filters_ratio, round_to, min_keep, normalize,
-      tolerance: as for `adaptive`; exactly one ratio, the fraction of the starting network kept
-        at the end.
+      input_shape, macs_ratio, params_ratio, filters_ratio, budget, round_to, min_keep,
+      normalize, tolerance, max_pruning_ratio, prunable, ranking: as for `adaptive`; the budget is
+        the fraction of the starting network kept at the end.
       finetune: optional ``(arch, variables) -> variables`` after each round.
 
     Returns:
       `PruneResult` with one `RoundStep` per round.
     """
-    kind, ratio = one_budget(
-        macs_ratio=macs_ratio, params_ratio=params_ratio, filters_ratio=filters_ratio
+    budget = Budget.from_ratios(
+        budget, macs_ratio=macs_ratio, params_ratio=params_ratio, filters_ratio=filters_ratio
     )
     if int(rounds) != rounds or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds}")
-    check_rounding(round_to, min_keep)
-    cost = CostModel.build(arch, kind, input_shape)
+    rules = WidthRules(round_to, min_keep, max_pruning_ratio, prunable)
+    cost = check_reachable(arch, budget, rules, input_shape)
     start_cost = cost(cost.full_widths)
-    smallest = cost(min_widths(cost.full_widths, round_to, min_keep)) / start_cost
-    if smallest > ratio * (1 + 1e-12):
-        raise ValueError(
-            f"{kind} budget {ratio:.4g} is impossible: with min_keep={min_keep} and "
-            f"round_to={round_to} the smallest network keeps {smallest:.4g} of them"
-        )
+    start_floors = dict(
+        zip(cost.group_names, rules.floors(cost.group_names, cost.full_widths), strict=True)
+    )
     origin = {g: np.arange(n) for g, n in groups(arch).items()}
     log = []
     for i in range(1, rounds + 1):
-        target = 1.0 - (1.0 - ratio) * i / rounds
-        now = CostModel.build(arch, kind, input_shape)
+        target = 1.0 - (1.0 - budget.ratio) * i / rounds
+        now = CostModel.build(arch, budget.kind, input_shape)
         round_ratio = min(1.0, target * start_cost / now(now.full_widths))
-        keep = adaptive(
+        keep = adaptive_with(
             arch,
             criterion(arch, variables),
+            Budget(budget.kind, round_ratio),
+            dataclasses.replace(rules, max_pruning_ratio=None, at_least=start_floors),
+            normalize,
+            min(1.0, tolerance * start_cost / now(now.full_widths)),
+            ranking,
             input_shape,
-            round_to=round_to,
-            min_keep=min_keep,
-            normalize=normalize,
-            tolerance=min(1.0, tolerance * start_cost / now(now.full_widths)),
-            **{f"{kind}_ratio": round_ratio},
         )
         arch, variables = prune(arch, variables, keep)
         origin = {g: origin[g][keep[g]] for g in origin}
         if finetune is not None:
             variables = finetune(arch, variables)
-        after = CostModel.build(arch, kind, input_shape)
+        after = CostModel.build(arch, budget.kind, input_shape)
         log.append(RoundStep(i, target, after(after.full_widths) / start_cost, groups(arch)))
     return PruneResult(origin, arch, variables, tuple(log))

@@ -9,6 +9,7 @@ images, labels = train.global_batch(mesh, *local_batch)     # this process's row
 state, metrics = step(state, images, labels)
 """
 
+from jaxprune.train.batch_norm import recalibrate_batch_norm
 from jaxprune.train.loop import LoopOptions, MetricsLog, TrainingDiverged, prefetch, train_loop
 from jaxprune.train.optim import (
     OptimizerConfig,
@@ -42,6 +43,7 @@ from jaxprune.train.step import (
 )
 
 __all__ = [
+    "recalibrate_batch_norm",
     "DATA_AXIS",
     "ComputeDtype",
     "DistributedOptions",
