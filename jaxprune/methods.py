@@ -44,7 +44,8 @@ def authors_layers(arch: Architecture) -> tuple[str, ...]:
     inner = tuple(g for g in producers if "/block" in g)
     if inner:
         return inner
-    return tuple(g for g, ls in producers.items() if ls and all(lr.kind == "conv" for lr in ls))
+    kinds = {g: {lr.kind for lr in ls} - {"norm"} for g, ls in producers.items()}
+    return tuple(g for g, k in kinds.items() if k == {"conv"})
 
 
 @dataclasses.dataclass(frozen=True)

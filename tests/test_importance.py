@@ -308,3 +308,46 @@ def test_lenet_fashion_mnist_ranking_against_the_oracle(fashion_lenet):
     assert results["gfi"][0] >= 0.75
     assert results["gfi_order2"][1] >= 0.9
     assert results["random"][0] < results["gfi"][0]
+
+
+def _conv3x3_same(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """f64 3x3 stride-1 convolution with padding 1: [N, H, W, I] x [3, 3, I, O] -> [N, H, W, O]."""
+    n, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((n, h, w, kernel.shape[-1]))
+    for dy in range(3):
+        for dx in range(3):
+            out += np.einsum("nhwi,io->nhwo", padded[:, dy : dy + h, dx : dx + w], kernel[dy, dx])
+    return out
+
+
+def test_gfi_ap_authors_score_is_their_formula_by_hand():
+    """Conv output before BatchNorm (BN in train mode upstream), class means over all images,
+    |class mean| averaged over space, maximum over classes: ``pruning_API.py``'s score."""
+    arch = jp.models.VGGArch(
+        stages=((3,), (4,)), dense_width=5, num_classes=3, input_shape=(6, 6, 2), name="tiny_vgg"
+    )
+    variables = random_variables(arch, seed=7)
+    rng = np.random.default_rng(0)
+    batches = [
+        (rng.normal(size=(9, 6, 6, 2)).astype(np.float32), rng.integers(0, 3, 9)) for _ in range(2)
+    ]
+    got = jp.methods.get("gfi_ap_authors").score(arch, variables, batches)
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    outputs = {"conv1": [], "conv2": []}
+    for images, _ in batches:
+        y1 = _conv3x3_same(images.astype(np.float64), p["conv1"]["kernel"])
+        mean, var = y1.mean(axis=(0, 1, 2)), y1.var(axis=(0, 1, 2))  # this batch's statistics
+        z = (y1 - mean) / np.sqrt(var + 1e-5) * p["bn1"]["scale"] + p["bn1"]["bias"]
+        z = np.maximum(z, 0).reshape(9, 3, 2, 3, 2, 3).max(axis=(2, 4))  # 2x2 max-pool
+        outputs["conv1"].append(y1)
+        outputs["conv2"].append(_conv3x3_same(z, p["conv2"]["kernel"]))
+    labels = np.concatenate([y for _, y in batches])
+    for group, maps in outputs.items():
+        y = np.concatenate(maps)
+        class_means = np.stack([y[labels == k].mean(axis=0) for k in range(3)])  # [K, H, W, C]
+        expected = np.abs(class_means).mean(axis=(1, 2)).max(axis=0)
+        # f32 convolutions of O(20) terms, then means: a few ulps of the activations' scale.
+        np.testing.assert_allclose(got[group], expected, rtol=1e-5, atol=1e-6 * np.abs(y).max())
+    assert set(got) == {"conv1", "conv2", "fc1"}

@@ -348,7 +348,7 @@ def test_non_finite_scores_are_refused_by_every_policy(policy):
             if policy == "threshold":
                 select.threshold(arch, broken, select.Budget("filters", 0.5))
             elif policy == "iterative":
-                select.iterative(arch, None, lambda a, v: broken, 2, macs_ratio=0.5)
+                select.iterative(arch, None, lambda a, v, s=broken: s, 2, macs_ratio=0.5)
             else:
                 POLICIES[policy](arch, broken, select.Budget("macs", 0.5))
 

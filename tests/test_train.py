@@ -216,3 +216,35 @@ def test_one_device_and_eight_devices_give_the_same_losses(device_runs, name):
     assert np.mean(losses_8) == pytest.approx(np.mean(losses_1), rel=1e-2)
     # Running statistics are those of the global batch, not of each device's part of it.
     np.testing.assert_allclose(eight["first_stats"], one["first_stats"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny_resnet", "tiny_vgg"])
+def test_recalibrated_batch_norm_is_the_batch_statistics(name):
+    """Re-estimated on one batch, the eval-mode network computes what train mode does on it."""
+    from conftest import random_variables, tiny_resnet
+
+    if name == "tiny_resnet":
+        arch = tiny_resnet()
+    else:
+        arch = jp.models.VGGArch(stages=((4,), (6,), (8,)), dense_width=5, input_shape=(8, 8, 3))
+    variables = random_variables(arch, seed=3)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, *arch.input_shape)), jnp.float32)
+    recalibrated = train.recalibrate_batch_norm(arch, variables, [x])
+    model = arch.module()
+    eval_mode = model.apply(recalibrated, x, False)
+    train_mode, _ = model.apply(variables, x, True, mutable=["batch_stats"])
+    # The statistics pass through m and 1 - m = 0.1 (x10 of their rounding) and the variance's
+    # square root: a few hundred ulps of the logits' scale in float32.
+    scale = float(jnp.abs(train_mode).max())
+    np.testing.assert_allclose(eval_mode, train_mode, rtol=0, atol=512 * 1.2e-7 * scale)
+    assert jax.tree.map(jnp.shape, recalibrated) == jax.tree.map(jnp.shape, variables)
+    np.testing.assert_array_equal(
+        jax.tree.leaves(recalibrated["params"])[0], jax.tree.leaves(variables["params"])[0]
+    )
+    # Two batches: the mean of the batches' statistics.
+    y = x[::-1] * 2.0 + 1.0
+    both = train.recalibrate_batch_norm(arch, variables, [x, y])
+    one_y = train.recalibrate_batch_norm(arch, variables, [y])
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, recalibrated["batch_stats"], one_y["batch_stats"])
+    for got, want in zip(jax.tree.leaves(both["batch_stats"]), jax.tree.leaves(mean), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.abs(want).max()))

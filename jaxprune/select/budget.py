@@ -357,7 +357,7 @@ def check_reachable(
         if binding:
             why += (
                 f", max_pruning_ratio={rules.max_pruning_ratio} and prunable="
-                f"{list(rules.prunable) if rules.prunable else None} (binding groups: "
+                f"{list(rules.prunable) if rules.prunable is not None else None} (binding groups: "
                 f"{', '.join(binding)}{', ...' if len(excess) > 8 else ''})"
             )
         raise ValueError(
