@@ -1,11 +1,12 @@
-"""Issue 5, part 2b: FSABP on LeNet-5, backward vs forward order and vs L1 at equal params.
+"""2b: FSABP on LeNet-5, backward vs forward order and vs L1 at equal params.
 
 A LeNet-5 baseline is trained with `jaxprune.pipeline.train`. For every accuracy-drop tolerance,
-`jaxprune.select.backward` (FSABP: the last group first) and `jaxprune.select.forward` (the first
-group first) prune group by group with the ``fsabp`` criterion (filter similarity: distance to the
-nearest other filter), keeping the smallest width whose accuracy on a held-out slice stays within
-the tolerance of the unpruned network's. L1-norm pruning then gets exactly the parameter count
-backward FSABP kept (`select.uniform` and `select.adaptive` with ``params_ratio``). Every pruned
+`jaxprune.select.backward` (FSABP: from the last convolution back to the first) and
+`jaxprune.select.forward` (the first conv first) prune the conv groups one by one with the
+``fsabp`` criterion (filter similarity: distance to the nearest other filter), keeping the
+smallest width whose accuracy on a held-out slice stays within the tolerance of the unpruned
+network's (``--all-groups`` prunes the dense layers too, first). L1-norm pruning then gets
+exactly the parameter count backward FSABP kept (`select.uniform` and `select.adaptive` with ``params_ratio``). Every pruned
 network is cut from the baseline with `jaxprune.pipeline.prune_to` and fine-tuned for the same
 number of steps with `jaxprune.pipeline.finetune`; test accuracy is reported before and after.
 
@@ -56,9 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the first N training examples (unaugmented) judge the tolerance",
     )
     p.add_argument(
-        "--conv-only",
+        "--all-groups",
         action="store_true",
-        help="prune conv1, conv2 only (default: every group, conv1, conv2, fc1, fc2)",
+        help="also prune the dense layers (fc1, fc2 first, backward); default: the convolutions "
+        "only, backward from the last conv, as the paper describes FSABP",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
@@ -71,7 +73,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.tiny:
         args.data, args.train_steps, args.finetune_steps = "synthetic", 2, 1
         args.tolerances, args.batch_size, args.heldout_examples = [0.1], 16, 32
-        args.conv_only = True
     return args
 
 
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace, partial=None) -> dict:
         return importance.fsabp(a, v)
 
     prune_groups = (
-        select.conv_groups(arch) if args.conv_only else list(groups(arch))
+        list(groups(arch)) if args.all_groups else select.conv_groups(arch)
     )  # forward order
     l1_scores = jax.device_get(importance.l1(arch, variables))
     rows = []

@@ -12,6 +12,7 @@ def test_tiny_demo_writes_table_json_and_png(tmp_path, capsys):
     record = demo.run(config, tmp_path, progress=False)
     out = capsys.readouterr().out
     assert "GFI-AP (adaptive)" in out and "L1 (uniform)" in out and "speed-up" in out
+    assert "ahead of uniform L1" in out
     saved = json.loads((tmp_path / "demo.json").read_text())
     assert saved == json.loads(json.dumps(record))
     rows = saved["models"]
