@@ -6,7 +6,8 @@ A LeNet-5 baseline is trained with `jaxprune.pipeline.train`. For every accuracy
 ``fsabp`` criterion (filter similarity: distance to the nearest other filter), keeping the
 smallest width whose accuracy on a held-out slice stays within the tolerance of the unpruned
 network's (``--all-groups`` prunes the dense layers too, first). L1-norm pruning then gets
-exactly the parameter count backward FSABP kept (`select.uniform` and `select.adaptive` with ``params_ratio``). Every pruned
+exactly the parameter count backward FSABP kept (`select.uniform` and `select.adaptive` with
+``params_ratio``). Every pruned
 network is cut from the baseline with `jaxprune.pipeline.prune_to` and fine-tuned for the same
 number of steps with `jaxprune.pipeline.finetune`; test accuracy is reported before and after.
 
