@@ -71,6 +71,18 @@ def _patterns(text: str) -> tuple[str, ...] | None:
     return ("*",) if patterns == ("all",) else patterns
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(0.0 < v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated fractions in (0, 1), got {text!r}"
+        )
+    return values
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -121,6 +133,13 @@ def _optimizer_flags(parser: argparse.ArgumentParser, defaults_from: str) -> Non
     group.add_argument("--weight-decay", type=float, help="decoupled, kernels only (5e-4)")
     group.add_argument("--schedule", choices=[s.value for s in optim.ScheduleName])
     group.add_argument("--warmup-steps", type=int, help="linear warm-up (5%% of the run)")
+    group.add_argument(
+        "--step-boundaries",
+        type=_fractions,
+        help="step schedule: comma-separated fractions of the run where the rate is multiplied "
+        "by --step-factor (0.5,0.75)",
+    )
+    group.add_argument("--step-factor", type=float, help="step schedule's factor (0.1)")
 
 
 def _optimizer_changes(args: argparse.Namespace) -> dict:
@@ -132,6 +151,8 @@ def _optimizer_changes(args: argparse.Namespace) -> dict:
         "weight_decay": "weight_decay",
         "schedule": "schedule",
         "warmup_steps": "warmup_steps",
+        "step_boundaries": "step_boundaries",
+        "step_factor": "step_factor",
     }
     changes = {
         field: getattr(args, flag)
@@ -215,7 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--rounds", type=_positive_int, default=1, help="reach the budget in this many rounds"
     )
-    prune.add_argument("--round-steps", type=_positive_int, help="fine-tuning steps between rounds")
+    prune.add_argument(
+        "--round-steps", type=_positive_int, help="fine-tuning steps between rounds (or layers)"
+    )
+    prune.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="choose once, then cut one group at a time with --round-steps of fine-tuning after "
+        "each (the GFI-AP authors' ImageNet protocol)",
+    )
     prune.add_argument(
         "--recalibrate-batches",
         type=_non_negative_int,
@@ -357,6 +386,7 @@ def _prune(args: argparse.Namespace) -> None:
         recalibrate_batches=args.recalibrate_batches,
         rounds=args.rounds,
         round_steps=args.round_steps,
+        layerwise=args.layerwise,
         restore_step=args.restore_step,
         data_dir=args.data_dir,
         evaluate_before_after=not args.no_eval,

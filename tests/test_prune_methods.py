@@ -111,3 +111,17 @@ def test_bad_selection_settings_are_refused_before_any_work(resnet20_run, tmp_pa
         assert exit_info.value.code != 0, name
         assert len(err.strip().splitlines()) == 1 and text in err, (name, err)
         assert not out.exists(), name
+
+
+def test_layerwise_cuts_the_one_shot_choice_one_group_at_a_time(tmp_path_factory, tmp_path):
+    path = tmp_path_factory.mktemp("lenet") / "run"
+    cli.main(["train", "--model", "lenet5", "--data", "synthetic", "--synthetic-shape", "16,16,1",
+              "--batch-size", "16", "--steps", "2", "--workdir", str(path)])  # fmt: skip
+    flags = ("--method", "gfi_ap_authors", "--filters-ratio", "0.5", "--num-batches", "2")
+    one_shot = _prune(path, tmp_path / "one_shot", *flags)
+    layered = _prune(path, tmp_path / "layered", *flags, "--layerwise", "--round-steps", "1")
+    assert layered["widths_after"] == one_shot["widths_after"]
+    assert layered["layers"] == ["conv1", "conv2"] and layered["layer"] == "conv2"
+    first = json.loads((tmp_path / "layered" / "rounds" / "layer1" / "prune.json").read_text())
+    assert first["widths_after"]["conv1"] == one_shot["widths_after"]["conv1"]
+    assert first["widths_after"]["conv2"] == first["widths_before"]["conv2"]

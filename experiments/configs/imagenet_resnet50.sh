@@ -30,7 +30,7 @@ COMMON=(--data-dir "$DATA_DIR" "${PROCS[@]}")
 
 jaxprune train --model resnet50 --data imagenet2012 --epochs 90 --batch-size 1024 --lr 0.4 \
   --weight-decay 1e-4 --schedule cosine --label-smoothing 0.1 --dtype bfloat16 --seed "$SEED" \
-  --collect-gfi --checkpoint-every 5000 --workdir "$RUNS/baseline" "${COMMON[@]}"
+  --checkpoint-every 5000 --workdir "$RUNS/baseline" "${COMMON[@]}"
 
 jaxprune prune --workdir "$RUNS/baseline" --method gfi --policy adaptive --macs-ratio 0.573 \
   --out "$RUNS/gfi_ap" "${COMMON[@]}"
@@ -46,6 +46,14 @@ jaxprune prune --workdir "$RUNS/baseline" --method l1 --policy uniform --macs-ra
 jaxprune finetune --workdir "$RUNS/l1_uniform" --epochs 25 --lr 0.04 --checkpoint-every 5000 \
   "${COMMON[@]}"
 
-for run in baseline gfi_ap taylor_fo_bn_72 l1_uniform; do
+# GFI-AP, the authors' ImageNet protocol: every layer's channels chosen once by their threshold
+# (aimed at the same 42.7% fewer FLOPs), then cut one layer at a time with 2 epochs of retraining
+# after each (2 x 1,281,167 / 1024 steps), then 12 epochs.
+jaxprune prune --workdir "$RUNS/baseline" --method gfi_ap_authors --macs-ratio 0.573 --layerwise \
+  --round-steps 2502 --num-batches 1251 --out "$RUNS/gfi_ap_authors" "${COMMON[@]}"
+jaxprune finetune --workdir "$RUNS/gfi_ap_authors" --epochs 12 --lr 0.04 --checkpoint-every 5000 \
+  "${COMMON[@]}"
+
+for run in baseline gfi_ap taylor_fo_bn_72 l1_uniform gfi_ap_authors; do
   jaxprune eval --workdir "$RUNS/$run" --json "${COMMON[@]}"
 done

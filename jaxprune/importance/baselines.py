@@ -5,7 +5,7 @@ group the filter of a residual channel is the concatenation of that channel's fi
 producer conv (stem or projection, and the last conv of each block), i.e. the weights removed with
 it. Their values are per-layer quantities (a norm depends on the fan-in), not one global scale:
 normalise them per group before a global ranking (``jaxprune.select.adaptive(normalize=...)``;
-defaults in ``jaxprune.importance.DEFAULT_NORMALIZE``).
+defaults in ``jaxprune.methods.METHODS``).
 """
 
 import enum

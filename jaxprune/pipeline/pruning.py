@@ -20,7 +20,15 @@ from jaxprune import checkpoint, data, importance, methods, models
 from jaxprune.flops import count_macs, count_params
 from jaxprune.graph import Architecture, groups
 from jaxprune.pipeline import common
-from jaxprune.pipeline.config import METRICS_FILE, PRUNE_FILE, Budget, Phase, TrainConfig, UserError
+from jaxprune.pipeline.config import (
+    METRICS_FILE,
+    PRUNE_FILE,
+    Budget,
+    BudgetKind,
+    Phase,
+    TrainConfig,
+    UserError,
+)
 from jaxprune.pipeline.training import finetune
 from jaxprune.select import CostModel, Policy, Ranking, WidthRules
 from jaxprune.select.budget import check_reachable
@@ -110,7 +118,9 @@ def _selection(
             )
     else:
         rules = WidthRules(round_to, 1, max_pruning_ratio, prunable)
-    check_reachable(arch, budget, rules)
+    if not (policy is Policy.THRESHOLD and budget.kind is BudgetKind.FILTERS):
+        # (the threshold's filters budget is a fraction of the prunable filters: always reachable)
+        check_reachable(arch, budget, rules)
     return Selection(entry, policy, rules, ranking, num_batches)
 
 
@@ -245,6 +255,27 @@ def _write_pruned(
     return record
 
 
+def _choose(
+    source: common.Loaded, budget: Budget, selection: Selection, verbose: bool
+) -> tuple[dict, dict]:
+    """(keep sets, how they were chosen) for the network in ``source``."""
+    scores, scored_on = _score(source, selection, verbose)
+    arch = source.arch
+    keep = selection.method.select(
+        arch, scores, budget, selection.rules, selection.policy, selection.ranking
+    )
+    names = tuple(groups(arch))
+    widths = np.array([len(keep[g]) for g in names])
+    full = np.array(list(groups(arch).values()))
+    how = {
+        **selection.to_dict(),
+        "budget": {"kind": budget.kind.value, "ratio": budget.ratio},
+        "scored_on": scored_on,
+        "bound_by_rules": selection.rules.binding(names, full, widths),
+    }
+    return keep, how
+
+
 def _prune_once(
     workdir: str | os.PathLike,
     out: Path,
@@ -261,24 +292,68 @@ def _prune_once(
     extra: Mapping[str, Any] | None = None,
 ) -> dict:
     source = common.load_run(workdir, step, meta, config, devices)
-    scores, scored_on = _score(source, selection, verbose)
-    arch = source.arch
-    keep = selection.method.select(
-        arch, scores, budget, selection.rules, selection.policy, selection.ranking
-    )
-    names = tuple(groups(arch))
-    widths = np.array([len(keep[g]) for g in names])
-    full = np.array(list(groups(arch).values()))
-    how = {
-        **selection.to_dict(),
-        "budget": {"kind": budget.kind.value, "ratio": budget.ratio},
-        "scored_on": scored_on,
-        "bound_by_rules": selection.rules.binding(names, full, widths),
-        **(extra or {}),
-    }
+    keep, how = _choose(source, budget, selection, verbose)
     return _write_pruned(
-        workdir, step, source, out, keep, how, evaluate_before_after, recalibrate_batches, verbose
+        workdir,
+        step,
+        source,
+        out,
+        keep,
+        {**how, **(extra or {})},
+        evaluate_before_after,
+        recalibrate_batches,
+        verbose,
     )
+
+
+def _prune_layerwise(
+    workdir: str | os.PathLike,
+    out: Path,
+    step: int,
+    meta: dict,
+    config: TrainConfig,
+    budget: Budget,
+    selection: Selection,
+    round_steps: int,
+    *,
+    recalibrate_batches: int,
+    evaluate_before_after: bool,
+    devices: Sequence[jax.Device] | None,
+    verbose: bool,
+) -> dict:
+    """Chooses every group's channels once, then cuts one group at a time in forward order,
+    fine-tuning ``round_steps`` after each (the GFI-AP authors' ImageNet protocol)."""
+    source = common.load_run(workdir, step, meta, config, devices)
+    keep, how = _choose(source, budget, selection, verbose)
+    sizes = groups(source.arch)
+    order = [g for g in sizes if len(keep[g]) < sizes[g]]
+    if not order:
+        return _write_pruned(
+            workdir, step, source, out, keep, how, evaluate_before_after, 0, verbose
+        )
+    current, current_step = Path(workdir), step
+    for i, group in enumerate(order, start=1):
+        last = i == len(order)
+        layer_out = out if last else out / "rounds" / f"layer{i}"
+        common.say(verbose, f"layer {i}/{len(order)}: {group} {sizes[group]} -> {len(keep[group])}")
+        if i > 1:
+            meta = common.read_meta(current, current_step)
+            source = common.load_run(current, current_step, meta, config, devices)
+        record = _write_pruned(
+            current,
+            current_step,
+            source,
+            layer_out,
+            {group: keep[group]},
+            {**how, "layer": group, "layers": order},
+            evaluate_before_after and last,
+            recalibrate_batches,
+            verbose,
+        )
+        if not last:
+            finetune(layer_out, num_steps=round_steps, devices=devices, verbose=verbose)
+            current, current_step = layer_out, common.pick_step(layer_out, None)
+    return record
 
 
 def prune(
@@ -296,6 +371,7 @@ def prune(
     recalibrate_batches: int = DEFAULT_RECALIBRATE_BATCHES,
     rounds: int = 1,
     round_steps: int | None = None,
+    layerwise: bool = False,
     restore_step: int | None = None,
     data_dir: str | None = None,
     evaluate_before_after: bool = True,
@@ -331,6 +407,9 @@ def prune(
       num_batches: scoring batches; None: the method's (one epoch for ``gfi_ap_authors``).
       recalibrate_batches: BatchNorm re-estimation batches after the cut; 0: none.
       rounds: pruning rounds; round_steps: fine-tuning steps between rounds (required if > 1).
+      layerwise: choose every group's channels once, then cut one group at a time in forward
+        order with ``round_steps`` fine-tuning steps after each (the GFI-AP authors' ImageNet
+        protocol); the workdirs of all but the last stay in ``out/rounds/``.
       restore_step, data_dir, devices, verbose: as for `train`.
       evaluate_before_after: evaluate the networks on the test split.
 
@@ -344,8 +423,10 @@ def prune(
     out = Path(out)
     if int(rounds) != rounds or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds}")
-    if rounds > 1 and (round_steps is None or round_steps < 1):
+    if (rounds > 1 or layerwise) and (round_steps is None or round_steps < 1):
         raise ValueError("pruning in several rounds needs round_steps > 0 fine-tuning steps")
+    if rounds > 1 and layerwise:
+        raise ValueError("give rounds or layerwise, not both")
     if recalibrate_batches < 0:
         raise ValueError(f"recalibrate_batches must be >= 0, got {recalibrate_batches}")
     step, meta, config = _open_for_pruning(workdir, out, restore_step, data_dir)
@@ -365,6 +446,10 @@ def prune(
         devices=devices,
         verbose=verbose,
     )
+    if layerwise:
+        return _prune_layerwise(
+            workdir, out, step, meta, config, budget, selection, round_steps, **common_args
+        )
     if rounds == 1:
         return _prune_once(workdir, out, step, meta, config, budget, selection, **common_args)
 
