@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from jaxprune import checkpoint, data, pipeline
+from jaxprune import checkpoint, data, pipeline, workdir
 from jaxprune.allocator import ALLOCATOR_ENV
 from jaxprune.train import loop, optim, parallel
 from jaxprune.train.step import ComputeDtype
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--workdir", required=True)
     _length(finetune, required=False)
     finetune.add_argument("--data-dir")
+    finetune.add_argument(
+        "--keep-checkpoints", type=_positive_int, help="(default: as the run it continues)"
+    )
     _optimizer_flags(finetune, "those of the training run")
     _run_flags(finetune)
     _common(finetune)
@@ -258,6 +261,8 @@ def _finetune(args: argparse.Namespace) -> None:
         num_epochs=args.epochs,
         optimizer_changes=_optimizer_changes(args),
         data_dir=args.data_dir,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
         restore_step=args.restore_step,
         stop_at=args.stop_at,
         devices=_devices(args),
@@ -364,7 +369,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         except (ValueError, RuntimeError) as e:
             raise pipeline.UserError(f"cannot start the multi-process run: {e}") from None
         _COMMANDS[args.command](args)
-    except (pipeline.UserError, checkpoint.CheckpointError, loop.TrainingDiverged) as e:
+    except (
+        pipeline.UserError,
+        checkpoint.CheckpointError,
+        loop.TrainingDiverged,
+        workdir.WorkdirError,
+    ) as e:
         sys.stderr.write(f"{prog}: error: {' '.join(str(e).split())}\n")
         raise SystemExit(USER_ERROR) from None
     except KeyboardInterrupt:

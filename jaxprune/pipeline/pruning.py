@@ -130,6 +130,7 @@ def _write_pruned(
     return record
 
 
+@common.owns_workdir("out", new=True)
 def prune(
     workdir: str | os.PathLike,
     out: str | os.PathLike,
@@ -223,6 +224,7 @@ def prune(
     return _write_pruned(workdir, step, source, out, keep, how, evaluate_before_after, verbose)
 
 
+@common.owns_workdir("out", new=True)
 def prune_to(
     workdir: str | os.PathLike,
     out: str | os.PathLike,
