@@ -233,13 +233,13 @@ def _check_in_memory(
     """Refuses in-memory splits with images other than uint8[N, H, W, C] of one shape, or labels
     outside [0, num_classes), naming where they came from."""
     arrays = {s: e for s, e in splits.items() if isinstance(e, ArrayExamples)}
-    shapes = {e.images.shape[1:] for e in arrays.values()}
+    train_shape = arrays[Split.TRAIN].images.shape[1:] if Split.TRAIN in arrays else None
     for split, examples in arrays.items():
         images, labels = examples.images, examples.labels
-        if images.dtype != np.uint8 or images.ndim != 4 or len(shapes) > 1:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != train_shape:
             raise ValueError(
                 f"the {split.value} images in {source} are {images.dtype}{list(images.shape)}; "
-                f"expected uint8[N, H, W, C] of one shape in every split"
+                f"expected uint8[N, H, W, C] with the training images' H, W, C"
             )
         if labels.size and not (0 <= labels.min() and labels.max() < num_classes):
             raise ValueError(
