@@ -368,6 +368,39 @@ def test_eval_of_a_read_only_workdir(trained, tmp_path, capsys):
     assert json.loads(out)["step"] == 6
 
 
+def _can_mount_read_only() -> bool:
+    probe = "mount --bind /tmp /tmp && mount -o remount,bind,ro /tmp"
+    try:
+        done = subprocess.run(["unshare", "-m", "sh", "-c", probe], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_read_only(), reason="needs unshare -m and mount (root)")
+def test_eval_and_train_on_a_read_only_file_system(trained, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(trained, workdir)
+    before = snapshot(workdir)
+    script = (
+        f"mount --bind {tmp_path} {tmp_path} && mount -o remount,bind,ro {tmp_path} && "
+        f"{' '.join(command('eval', '--workdir', workdir, '--json'))}; echo status $?; "
+        f"{' '.join(command('train', *SMALL, '--steps', '6', '--workdir', workdir))}; "
+        "echo status $?"
+    )
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300
+    )
+    lines = done.stdout.strip().splitlines()
+    assert json.loads(lines[0])["step"] == 6 and lines[1:] == ["status 0", "status 1"], done
+    errors = done.stderr.strip().splitlines()
+    assert errors[0].startswith("jaxprune: warning: the result was not appended to"), errors
+    assert errors[1:] == [
+        f"jaxprune train: error: cannot use {workdir} as a workdir: {workdir} is not writable"
+    ]
+    assert snapshot(workdir) == before
+
+
 # ---------------------------------------------------------------- 8. smaller
 
 

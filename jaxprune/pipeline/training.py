@@ -57,11 +57,11 @@ def train(
         raise UserError(str(e)) from None
     dataset = common.load_dataset(config)
     arch = models.create(config.model, dataset.num_classes, dataset.input_shape)
-    common.check_input_shape(arch)
     mesh = common.data_mesh(devices, config.batch_size)
     total_steps, _ = common.run_length(config, dataset)
     step = common.pick_step(workdir, restore_step)
     if step is None:
+        common.check_input_shape(arch)
         tx = make_optimizer(config.optimizer)
         state = create_train_state(arch, tx, config.seed, mesh, config.collect_gfi)
         common.say(
