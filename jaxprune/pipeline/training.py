@@ -203,8 +203,16 @@ def evaluate(
       "num_devices"}``.
     """
     workdir = Path(workdir)
-    step, meta, config = common.open_checkpoint(workdir, restore_step, data_dir)
-    loaded = common.load_run(workdir, step, meta, config, devices)
+    for attempt in range(3):
+        found = checkpoint.steps(workdir)
+        try:
+            step, meta, config = common.open_checkpoint(workdir, restore_step, data_dir)
+            loaded = common.load_run(workdir, step, meta, config, devices)
+            break
+        except checkpoint.CheckpointError:
+            # A writer may delete the step being read (its --keep-checkpoints): read the newest.
+            if restore_step is not None or attempt == 2 or checkpoint.steps(workdir) == found:
+                raise
     arch, dataset, mesh = loaded.arch, loaded.dataset, loaded.mesh
     result = common.evaluator(arch, dataset, mesh, config)(loaded.state)
     row = {"step": step, **result, "split": "test", "num_devices": mesh.size}
