@@ -11,7 +11,7 @@ jp.count_macs(arch2), jp.count_params(arch2)
 # threads whose malloc arenas matter): importing these runs their `configure`.
 from jaxprune import allocator  # isort: skip
 from jaxprune.ops import xla_cpu as _xla_cpu  # noqa: F401  # isort: skip
-from jaxprune import checkpoint, importance, methods, models, select, train
+from jaxprune import checkpoint, importance, methods, models, select, train, workdir
 from jaxprune.flops import count_macs, count_params, macs_per_layer, params_per_layer
 from jaxprune.graph import Layer, group_layers, groups, layers
 from jaxprune.surgery import full_keep, prune, prune_like
@@ -37,4 +37,5 @@ __all__ = [
     "prune_like",
     "select",
     "train",
+    "workdir",
 ]

@@ -5,13 +5,14 @@ Layout of ``WORKDIR/checkpoints/<step>/`` (an orbax `CheckpointManager` step):
 - ``state/``: the `TrainState` (params, batch_stats, optimizer state, step), `StandardSave`.
 - ``meta/``: JSON with the architecture (``arch.to_dict()``), the run's configuration and, after
   pruning, what was pruned; so a checkpoint rebuilds its (possibly narrower) model alone.
-- ``jaxprune_sha256.json``: size and SHA-256 of every other file, written after orbax commits.
+- ``jaxprune_sha256.json``: size and SHA-256 of every other file, written after orbax commits;
+  a step without it is refused (never read unverified).
 
 Orbax writes a step into a temporary directory and renames it when complete, so an interrupted
 save never leaves a step that looks complete, and a step that exists is never overwritten. Before
 anything is read or written, the step is checked against its manifest: a changed, truncated or
-missing file refuses the checkpoint with one line naming it, and nothing in the workdir changes.
-There is no fall-back to an older step unless the caller asks for that step.
+missing file (the manifest included) refuses the checkpoint with one line naming it, and nothing
+in the workdir changes. There is no fall-back to an older step unless the caller asks for that step.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def _write_manifest(step_dir: Path) -> None:
 def verify(workdir: str | os.PathLike, step: int) -> None:
     """Checks a step against its manifest; reads only.
 
-    A step without a manifest (a save interrupted in the instant between orbax's commit and the
-    manifest) is accepted: orbax committed it, and its restore still checks its structure.
+    A step without its manifest is refused like a corrupt one: it is never loaded unverified. (A
+    save killed in the instant between orbax's commit and the manifest leaves one; so does a
+    deleted manifest. The run resumes from an earlier step chosen with ``--restore-step``.)
 
     Raises:
       CheckpointError: one line naming the checkpoint and the first bad file.
@@ -90,7 +92,10 @@ def verify(workdir: str | os.PathLike, step: int) -> None:
         raise CheckpointError(f"no checkpoint at step {step} in {checkpoint_root(workdir)}")
     manifest_path = step_dir / MANIFEST
     if not manifest_path.exists():
-        return
+        raise CheckpointError(
+            f"corrupt checkpoint {step_dir}: its checksum manifest {MANIFEST} is missing (a save "
+            "that did not finish, or a deleted file); it is not loaded unverified"
+        )
     try:
         expected = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as e:
@@ -110,6 +115,20 @@ def verify(workdir: str | os.PathLike, step: int) -> None:
     for name, (_, sha256) in expected.items():
         if actual[name][1] != sha256:
             raise CheckpointError(f"corrupt checkpoint {step_dir}: file {name} changed (checksum)")
+
+
+def has_manifest(workdir: str | os.PathLike, step: int) -> bool:
+    """Whether a step's manifest was written (the last act of a save)."""
+    return (step_path(workdir, step) / MANIFEST).is_file()
+
+
+def verifies(workdir: str | os.PathLike, step: int) -> bool:
+    """Whether a step passes `verify`."""
+    try:
+        verify(workdir, step)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _manager(

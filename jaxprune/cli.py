@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from jaxprune import checkpoint, data, methods, pipeline, select
+from jaxprune import checkpoint, data, methods, pipeline, select, workdir
 from jaxprune.allocator import ALLOCATOR_ENV
 from jaxprune.train import loop, optim, parallel
 from jaxprune.train.step import ComputeDtype
@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--workdir", required=True)
     _length(finetune, required=False)
     finetune.add_argument("--data-dir")
+    finetune.add_argument(
+        "--keep-checkpoints", type=_positive_int, help="(default: as the run it continues)"
+    )
     _optimizer_flags(finetune, "those of the training run")
     _run_flags(finetune)
     _common(finetune)
@@ -345,6 +348,8 @@ def _finetune(args: argparse.Namespace) -> None:
         num_epochs=args.epochs,
         optimizer_changes=_optimizer_changes(args),
         data_dir=args.data_dir,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
         restore_step=args.restore_step,
         stop_at=args.stop_at,
         devices=_devices(args),
@@ -463,7 +468,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         except (ValueError, RuntimeError) as e:
             raise pipeline.UserError(f"cannot start the multi-process run: {e}") from None
         _COMMANDS[args.command](args)
-    except (ValueError, checkpoint.CheckpointError, loop.TrainingDiverged) as e:
+    except (
+        ValueError,
+        checkpoint.CheckpointError,
+        loop.TrainingDiverged,
+        workdir.WorkdirError,
+    ) as e:
         # The one place Python errors become the command's one-line messages (UserError is a
         # ValueError; so are the library's refusals of bad settings and budgets).
         sys.stderr.write(f"{prog}: error: {' '.join(str(e).split())}\n")

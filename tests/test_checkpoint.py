@@ -187,3 +187,33 @@ def test_pruned_checkpoint_restores_alone_and_evaluates_the_same(trained, tmp_pa
     evaluated = pipeline.evaluate(out)
     assert evaluated["accuracy"] == record["accuracy_after"]
     assert evaluated["macs"] == record["macs_after"] == jp.count_macs(pruned_arch)
+
+
+def test_a_step_without_its_manifest_is_refused_not_loaded_unverified(trained):
+    step_dir = checkpoint.step_path(trained, 10)
+    (step_dir / checkpoint.MANIFEST).unlink()
+    target = _some_file(step_dir)
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # undetectable without the manifest
+    target.write_bytes(bytes(raw))
+    before = _snapshot(trained)
+    for attempt in (
+        lambda: pipeline.evaluate(trained),
+        lambda: pipeline.train(CONFIG, trained, progress=False, verbose=False),
+    ):
+        with pytest.raises(checkpoint.CheckpointError) as refused:
+            attempt()
+        message = str(refused.value)
+        assert f"corrupt checkpoint {step_dir}: its checksum manifest" in message
+        assert "--restore-step: 8" in message and "\n" not in message
+    assert _snapshot(trained) == before
+
+
+def test_the_corrupt_checkpoint_hint_names_only_a_step_that_verifies(trained):
+    for step in (10, 8):
+        target = _some_file(checkpoint.step_path(trained, step))
+        target.write_bytes(target.read_bytes()[:-7])
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        pipeline.evaluate(trained)
+    assert str(refused.value).endswith("--restore-step: 6)")  # not 8, itself corrupt
+    assert pipeline.evaluate(trained, restore_step=6)["step"] == 6

@@ -229,6 +229,20 @@ def test_console_script_with_the_system_allocator(workdir):
     assert json.loads(done.stdout)["step"] == 6
 
 
+def test_finetune_honours_checkpoint_every_and_keep_checkpoints(workdir, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    argv = ["prune", "--workdir", workdir, "--method", "l1", "--filters-ratio", "0.5", "--no-eval",
+            "--out", pruned]  # fmt: skip
+    assert run(argv, capsys)[0] == 0
+    argv = ["finetune", "--workdir", pruned, "--steps", "5", "--checkpoint-every", "2"]
+    code, _, err = run([*argv, "--keep-checkpoints", "2", "--stop-at", "3"], capsys)
+    assert code == 0, err
+    assert checkpoint.steps(pruned) == [2, 3]  # a crash at step 3 would lose one step, not three
+    code, _, err = run(["finetune", "--workdir", pruned, "--keep-checkpoints", "4"], capsys)
+    assert code == 0, err
+    assert checkpoint.steps(pruned) == [2, 3, 4, 5]  # resumed with the saved --checkpoint-every
+
+
 def test_prune_uniform_policy_keeps_the_same_fraction_everywhere(workdir, tmp_path, capsys):
     out = tmp_path / "uniform"
     argv = ["prune", "--workdir", workdir, "--method", "l1", "--policy", "uniform",

@@ -227,6 +227,27 @@ def _tfds_splits(
     }
 
 
+def _check_in_memory(
+    splits: Mapping[Split, Examples], num_classes: int, source: str | os.PathLike | None
+) -> None:
+    """Refuses in-memory splits with images other than uint8[N, H, W, C] of one shape, or labels
+    outside [0, num_classes), naming where they came from."""
+    arrays = {s: e for s, e in splits.items() if isinstance(e, ArrayExamples)}
+    train_shape = arrays[Split.TRAIN].images.shape[1:] if Split.TRAIN in arrays else None
+    for split, examples in arrays.items():
+        images, labels = examples.images, examples.labels
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != train_shape:
+            raise ValueError(
+                f"the {split.value} images in {source} are {images.dtype}{list(images.shape)}; "
+                f"expected uint8[N, H, W, C] with the training images' H, W, C"
+            )
+        if labels.size and not (0 <= labels.min() and labels.max() < num_classes):
+            raise ValueError(
+                f"the {split.value} labels in {source} lie outside [0, {num_classes}) "
+                f"(from {labels.min()} to {labels.max()})"
+            )
+
+
 def load_dataset(
     name: str | DatasetName = DatasetName.FASHION_MNIST,
     *,
@@ -262,11 +283,15 @@ def load_dataset(
     if idx_dir is None and name is DatasetName.FASHION_MNIST:
         idx_dir = SYSTEM_FASHION_MNIST_DIR
     if spec.reads_idx and idx_dir is not None and has_idx_files(idx_dir):
-        splits = {split: ArrayExamples(*load_idx_split(idx_dir, split.value)) for split in Split}
+        splits = {
+            split: ArrayExamples(*load_idx_split(idx_dir, split.value, spec.num_classes))
+            for split in Split
+        }
     else:
         if spec.reads_idx and idx_dir is not None:
             looked.append(f"IDX files in {idx_dir}")
         splits = _tfds_splits(name, data_dir, looked)
+    _check_in_memory(splits, spec.num_classes, idx_dir if spec.reads_idx else data_dir)
     if isinstance(spec.augmentation, InceptionCropFlip):
         size = spec.augmentation.image_size
         input_shape = (size, size, 3)

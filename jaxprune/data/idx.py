@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{path} is not a complete gzip file ({e}).") from None
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number).")
     dtype, ndim = _IDX_DTYPES[data[2]], data[3]
@@ -74,19 +78,22 @@ def has_idx_files(directory: str | os.PathLike) -> bool:
     )
 
 
-def load_idx_split(directory: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
+def load_idx_split(
+    directory: str | os.PathLike, split: str, num_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Loads one split of an MNIST-format directory into memory.
 
     Args:
       directory: Folder with the IDX files.
       split: "train" or "test" (read from the `t10k-*` files).
+      num_classes: If given, labels outside [0, num_classes) are refused.
 
     Returns:
       images uint8[N, H, W, 1] and labels int32[N].
 
     Raises:
       FileNotFoundError: If a file of the split is missing.
-      ValueError: If the files are malformed or disagree on N.
+      ValueError: If the files are malformed, disagree on N, or a label is out of range.
     """
     directory, prefix = Path(directory), IDX_SPLIT_PREFIXES[split]
     images_path = _idx_path(directory, prefix, "images", 3)
@@ -98,5 +105,15 @@ def load_idx_split(directory: str | os.PathLike, split: str) -> tuple[np.ndarray
         raise ValueError(
             f"IDX files in {directory} disagree: images {images.shape} {images.dtype}, "
             f"labels {labels.shape}."
+        )
+    if (
+        num_classes is not None
+        and labels.size
+        and not (0 <= labels.min() and labels.max() < num_classes)
+    ):
+        bad = int(np.count_nonzero((labels < 0) | (labels >= num_classes)))
+        raise ValueError(
+            f"{labels_path} holds {bad} labels outside [0, {num_classes}) (e.g. "
+            f"{int(labels[(labels < 0) | (labels >= num_classes)][0])})."
         )
     return images[..., None], labels.astype(np.int32)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import math
 import os
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxprune import checkpoint, data, models
+from jaxprune import workdir as workdirs
 from jaxprune.graph import Architecture
 from jaxprune.pipeline.config import METRICS_FILE, Phase, TrainConfig, UserError
 from jaxprune.train import loop, parallel
@@ -30,6 +35,47 @@ def load_dataset(config: TrainConfig) -> data.Dataset:
         return data.load_dataset(config.data, data_dir=config.data_dir, synthetic=config.synthetic)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise UserError(str(e)) from None
+
+
+def owns_workdir(argument: str, *, new: bool = False) -> Callable:
+    """Decorator: the call holds the lock of the workdir passed as ``argument`` (see
+    `jaxprune.workdir.owned`); a second writer of that workdir is refused before any work.
+
+    ``new``: the workdir must not hold checkpoints, nor be a non-empty folder jaxprune did not
+    write (`prune`'s ``out``).
+    """
+
+    def decorate(function: Callable) -> Callable:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def locked(*args, **kwargs):
+            path = signature.bind(*args, **kwargs).arguments[argument]
+            with workdirs.owned(path, new=new, primary=parallel.is_primary()):
+                return function(*args, **kwargs)
+
+        return locked
+
+    return decorate
+
+
+def warn(message: str) -> None:
+    """One line on stderr (process 0): something failed that the result does not depend on."""
+    if parallel.is_primary():
+        print(f"jaxprune: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+def check_input_shape(arch: Architecture) -> None:
+    """Refuses images too small (or otherwise unfit) for ``arch``, before anything is computed."""
+    x = jax.ShapeDtypeStruct((1, *arch.input_shape), jnp.float32)
+    try:
+        jax.eval_shape(lambda x: arch.module().init(jax.random.key(0), x, train=False), x)
+    except Exception as e:  # noqa: BLE001 - any failure to trace the model means the shape is unfit.
+        h, w, c = arch.input_shape
+        raise UserError(
+            f"{arch.name} cannot take {h}x{w}x{c} images ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]}); use larger images"
+        ) from None
 
 
 def run_length(config: TrainConfig, dataset: data.Dataset) -> tuple[int, int]:
@@ -117,9 +163,17 @@ def global_batches(dataset, mesh, config: TrainConfig, start_step: int) -> Itera
 
 
 def pick_step(workdir: str | os.PathLike, restore_step: int | None) -> int | None:
-    """The step to continue from: the latest, or the one asked for (which must exist)."""
+    """The step to continue from: the latest, or the one asked for (which must exist).
+
+    While another process writes ``workdir``, its newest step may be committed by orbax but not
+    yet have its checksum manifest; a reader then takes the newest step that has one.
+    """
     found = checkpoint.steps(workdir)
     if restore_step is None:
+        if found and not checkpoint.has_manifest(workdir, found[-1]):
+            writer = workdirs.writer_pid(workdir)
+            if writer is not None and writer != os.getpid():
+                found = [s for s in found if checkpoint.has_manifest(workdir, s)] or found
         return found[-1] if found else None
     if restore_step not in found:
         raise UserError(
@@ -137,9 +191,15 @@ def read_meta(workdir: str | os.PathLike, step: int) -> dict:
         older = [s for s in checkpoint.steps(workdir) if s < step]
         if not older:
             raise
+        # Only a step that itself verifies is suggested (the newest such).
+        good = next((s for s in reversed(older) if checkpoint.verifies(workdir, s)), None)
+        if good is None:
+            raise checkpoint.CheckpointError(
+                f"{e}; nothing was changed (no older step verifies either)"
+            ) from None
         raise checkpoint.CheckpointError(
-            f"{e}; nothing was changed (an older step may be chosen explicitly with "
-            f"--restore-step: {', '.join(map(str, older))})"
+            f"{e}; nothing was changed (the newest older step that verifies may be chosen "
+            f"explicitly with --restore-step: {good})"
         ) from None
 
 
@@ -183,6 +243,28 @@ def restore(
         # A different optimizer has a different state; start it afresh.
         state = state.replace(opt_state=jax.jit(make_optimizer(optimizer).init)(state.params))
     return arch, state
+
+
+def last_good_checkpoint(workdir: str | os.PathLike, loaded: Loaded) -> str:
+    """Names the newest checkpoint of ``workdir`` that verifies and evaluates to a finite loss.
+
+    A checkpoint's parameters can be finite while its evaluation is not (BatchNorm statistics,
+    logits that overflow), so each is evaluated, newest first, until one is finite.
+    """
+    for step in reversed(checkpoint.steps(workdir)):
+        try:
+            arch, state = restore(workdir, step, checkpoint.read_meta(workdir, step), loaded.mesh)
+        except checkpoint.CheckpointError:
+            continue
+        result = evaluator(arch, loaded.dataset, loaded.mesh, loaded.config)(state)
+        if math.isfinite(result["loss"]):
+            return (
+                f"training stopped, the last good checkpoint is step {step} (the newest whose "
+                f"test loss is finite: {result['loss']:.4g})"
+            )
+    if not checkpoint.steps(workdir):
+        return f"training stopped, no checkpoint was written in {workdir}"
+    return f"training stopped; no checkpoint in {workdir} evaluates to a finite test loss"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +365,9 @@ def run(
                 save=save,
                 evaluate=evaluate_and_keep,
             )
+        except loop.TrainingDiverged as e:
+            # The loop knows which steps were finite; which checkpoint is good needs evaluating.
+            raise loop.TrainingDiverged(e.reason, last_good_checkpoint(workdir, loaded)) from None
         finally:
             batches.close()
     step = int(jax.device_get(state.step))

@@ -356,6 +356,7 @@ def _prune_layerwise(
     return record
 
 
+@common.owns_workdir("out", new=True)
 def prune(
     workdir: str | os.PathLike,
     out: str | os.PathLike,
@@ -499,6 +500,7 @@ def prune(
     return record
 
 
+@common.owns_workdir("out", new=True)
 def prune_to(
     workdir: str | os.PathLike,
     out: str | os.PathLike,

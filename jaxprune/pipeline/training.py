@@ -20,6 +20,7 @@ from jaxprune.train.optim import OptimizerConfig, make_optimizer
 from jaxprune.train.step import create_train_state
 
 
+@common.owns_workdir("workdir")
 def train(
     config: TrainConfig,
     workdir: str | os.PathLike,
@@ -34,7 +35,8 @@ def train(
 
     Args:
       config: the run. On resume it must equal the saved one (operational fields aside).
-      workdir: the run's directory; created if needed.
+      workdir: the run's directory; created if needed. Held locked for the call (see
+        `jaxprune.workdir`): a second writer of it is refused.
       restore_step: resume from this older step instead of the latest; the later steps are moved
         to ``WORKDIR/rejected_checkpoints/``.
       stop_at: stop (and save) at this step, as a preemption would; resuming then continues
@@ -59,6 +61,7 @@ def train(
     total_steps, _ = common.run_length(config, dataset)
     step = common.pick_step(workdir, restore_step)
     if step is None:
+        common.check_input_shape(arch)
         tx = make_optimizer(config.optimizer)
         state = create_train_state(arch, tx, config.seed, mesh, config.collect_gfi)
         common.say(
@@ -88,6 +91,7 @@ def train(
     )
 
 
+@common.owns_workdir("workdir")
 def finetune(
     workdir: str | os.PathLike,
     *,
@@ -95,6 +99,8 @@ def finetune(
     num_epochs: int | None = None,
     optimizer_changes: Mapping[str, Any] | None = None,
     data_dir: str | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int | None = None,
     restore_step: int | None = None,
     stop_at: int | None = None,
     devices: Sequence[jax.Device] | None = None,
@@ -114,6 +120,8 @@ def finetune(
       optimizer_changes: fields of `OptimizerConfig` to change from the training run's (e.g.
         ``{"learning_rate": 0.01}``).
       data_dir: where the data lives now, if it moved.
+      checkpoint_every: also save every this many steps (None: as the run it continues).
+      keep_checkpoints: how many recent checkpoints to keep (None: as the run it continues).
       restore_step, stop_at, devices, progress, verbose: as for `train`.
 
     Returns:
@@ -142,6 +150,8 @@ def finetune(
         num_epochs=length[1],
         optimizer=_change_optimizer(saved.optimizer, optimizer_changes),
         data_dir=data_dir if data_dir is not None else saved.data_dir,
+        checkpoint_every=saved.checkpoint_every if checkpoint_every is None else checkpoint_every,
+        keep_checkpoints=saved.keep_checkpoints if keep_checkpoints is None else keep_checkpoints,
     )
     if meta["phase"] == Phase.FINETUNE:
         differing = config.differences(saved)
@@ -184,19 +194,32 @@ def evaluate(
 ) -> dict:
     """Test-split accuracy of a workdir's checkpoint (latest unless ``restore_step``).
 
-    Appends an evaluation row to ``metrics.jsonl``.
+    Appends an evaluation row to ``metrics.jsonl``; where that cannot be written (a read-only
+    workdir) it says so in one line on stderr and still returns the result. Takes no lock: while
+    another process writes the workdir, it reads the newest step whose save finished.
 
     Returns:
       ``{"step", "phase", "model", "accuracy", "loss", "macs", "params", "num_examples",
       "num_devices"}``.
     """
     workdir = Path(workdir)
-    step, meta, config = common.open_checkpoint(workdir, restore_step, data_dir)
-    loaded = common.load_run(workdir, step, meta, config, devices)
+    for attempt in range(3):
+        found = checkpoint.steps(workdir)
+        try:
+            step, meta, config = common.open_checkpoint(workdir, restore_step, data_dir)
+            loaded = common.load_run(workdir, step, meta, config, devices)
+            break
+        except checkpoint.CheckpointError:
+            # A writer may delete the step being read (its --keep-checkpoints): read the newest.
+            if restore_step is not None or attempt == 2 or checkpoint.steps(workdir) == found:
+                raise
     arch, dataset, mesh = loaded.arch, loaded.dataset, loaded.mesh
     result = common.evaluator(arch, dataset, mesh, config)(loaded.state)
     row = {"step": step, **result, "split": "test", "num_devices": mesh.size}
-    loop.MetricsLog(workdir / METRICS_FILE, enabled=parallel.is_primary()).write(row)
+    try:
+        loop.MetricsLog(workdir / METRICS_FILE, enabled=parallel.is_primary()).write(row)
+    except OSError as e:
+        common.warn(f"the result was not appended to {workdir / METRICS_FILE}: {e.strerror or e}")
     return {
         **row,
         "phase": meta["phase"],

@@ -25,7 +25,16 @@ from jaxprune.train.step import TrainState, all_finite
 
 
 class TrainingDiverged(Exception):
-    """The loss became NaN or infinite; the message says at which step and what was kept."""
+    """A step's loss, gradient norm or parameters (or an evaluation) became NaN or infinite.
+
+    Attributes:
+      reason: what was not finite, at which step.
+    The message adds what was kept.
+    """
+
+    def __init__(self, reason: str, kept: str = ""):
+        super().__init__(f"{reason}; {kept}" if kept else reason)
+        self.reason = reason
 
 
 class MetricsLog:
@@ -38,14 +47,28 @@ class MetricsLog:
     def write(self, *rows: dict) -> None:
         if not self.enabled or not rows:
             return
-        with self.path.open("a") as f:
-            for row in rows:
-                f.write(json.dumps(_finite_or_none(row), allow_nan=False) + "\n")
+        text = "".join(json.dumps(_finite_or_none(row), allow_nan=False) + "\n" for row in rows)
+        with self.path.open("a+b") as f:
+            # A line torn by a crash stays alone on its line, never glued to the next row.
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    text = "\n" + text
+            f.write(text.encode())
 
     def read(self) -> list[dict]:
+        """Every row; an unreadable line (torn by a crash while it was written) is skipped."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        rows = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
 
 
 def _finite_or_none(row: dict) -> dict:
@@ -182,11 +205,12 @@ def train_loop(
                 }
             )
         pending.clear()
-        bad = next((row for row in rows if not math.isfinite(row["loss"])), None)
+        finite = [_finite(row, m) for row, m in zip(rows, fetched, strict=True)]
+        bad = finite.index(False) if not all(finite) else None
         if bad is not None:
-            log.write(*rows[: rows.index(bad) + 1])
+            log.write(*rows[: bad + 1])
             bar.close()
-            raise TrainingDiverged(f"loss is {bad['loss']} at step {bad['step']}; {kept()}")
+            raise TrainingDiverged(_what_diverged(rows[bad]), kept())
         log.write(*rows)
         summary.add(rows)
         bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", refresh=False)
@@ -197,7 +221,7 @@ def train_loop(
         step = int(jax.device_get(state.step))
         if not all_finite((state.params, state.batch_stats, state.opt_state)):
             bar.close()
-            raise TrainingDiverged(f"non-finite parameters after step {step - 1}; {kept()}")
+            raise TrainingDiverged(f"non-finite parameters after step {step - 1}", kept())
         save(state)
         last_saved = step
 
@@ -224,6 +248,11 @@ def train_loop(
                 log.write(
                     {"step": done, **result, "split": "test", "num_devices": options.num_devices}
                 )
+                if not math.isfinite(result.get("loss", 0.0)):
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"the test loss is {result['loss']} after step {done - 1}", kept()
+                    )
             summary.end_epoch(done, result, bar)
         if (
             done == last_step
@@ -234,6 +263,21 @@ def train_loop(
     flush()
     bar.close()
     return state
+
+
+def _finite(row: dict, metrics: dict) -> bool:
+    """Whether a step's loss and gradient norm, and the parameters it produced, are finite."""
+    finite = math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+    # "finite" (from the step, on device): also the updated parameters and BatchNorm statistics.
+    return finite and bool(metrics.get("finite", True))
+
+
+def _what_diverged(row: dict) -> str:
+    if not math.isfinite(row["loss"]):
+        return f"loss is {row['loss']} at step {row['step']}"
+    if not math.isfinite(row["grad_norm"]):
+        return f"gradient norm is {row['grad_norm']} at step {row['step']}"
+    return f"non-finite parameters after step {row['step']}"
 
 
 class _EpochSummary:
@@ -258,6 +302,10 @@ class _EpochSummary:
                 f"epoch {epoch}/{epochs}  step {done}/{self.end_step}  loss {loss:.4f}  "
                 f"train_acc {accuracy:.4f}"
             )
+            first = self.rows[0]["step"]
+            if first > (epoch - 1) * self.steps_per_epoch:
+                # A resumed run has only its own steps of this epoch on the device.
+                line += f" (of steps {first}-{done - 1} only: resumed)"
             if "accuracy" in result:
                 line += f"  test_acc {result['accuracy']:.4f}  test_loss {result['loss']:.4f}"
             seconds = time.perf_counter() - self.start

@@ -187,7 +187,8 @@ def make_train_step(
       ``collect_gate_grads``. ``images`` f32[B, H, W, C] and ``labels`` int32[B] are global arrays
       sharded over ``"data"``; ``state`` is donated. ``metrics``: scalars ``loss`` (mean over the
       batch, with the parameters before this update), ``accuracy`` (of the batch, before the
-      update), ``learning_rate`` (used by this update) and ``grad_norm``. ``gate_grads``:
+      update), ``learning_rate`` (used by this update), ``grad_norm`` and ``finite`` (bool: loss,
+      gradient norm and the updated parameters and BatchNorm statistics are finite). ``gate_grads``:
       group -> f32[channels].
     """
     model = arch.module(dtype=options.compute_dtype.jnp_dtype)
@@ -226,11 +227,16 @@ def make_train_step(
             opt_state=opt_state,
             gfi=gfi,
         )
+        grad_norm = optax.tree.norm(grads)
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
             "learning_rate": learning_rate,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
+            # One flag for the loop's divergence check, fetched with the other metrics.
+            "finite": jnp.isfinite(loss)
+            & jnp.isfinite(grad_norm)
+            & _tree_finite((params, batch_stats)),
         }
         if options.collect_gate_grads:
             return new_state, metrics, gate_grads
@@ -273,10 +279,12 @@ def make_eval_step(
     )
 
 
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
+def _tree_finite(tree: Any) -> jax.Array:
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.array(True)]))
+
+
+_all_finite = jax.jit(_tree_finite)
 
 
 def all_finite(tree: Any) -> bool:
