@@ -40,7 +40,7 @@ CAP = methods.DEFAULT_MAX_PRUNING_RATIO
 class Variant:
     """A registry method with selection overrides (None: the method's default)."""
 
-    method: str
+    method: str | methods.Method
     policy: str | None = None
     max_pruning_ratio: float | None = CAP
     prunable: tuple[str, ...] | None = None  # ("*",): every group
@@ -54,7 +54,13 @@ VARIANTS: dict[str, Variant] = {
     "taylor_fo_bn": Variant("taylor_fo_bn"),
     "gfi_ap_authors": Variant("gfi_ap_authors", max_pruning_ratio=None),
     # GFI-AP's gradient ranking as the library ran it before the selection options (ablation):
-    "gfi_global_raw": Variant("gfi", max_pruning_ratio=None, prunable=("*",), recalibrate=False),
+    # raw scores, every group, no cap, no BatchNorm re-estimation.
+    "gfi_global_raw": Variant(
+        dataclasses.replace(methods.get("gfi"), name="gfi_raw", normalize=None),
+        max_pruning_ratio=None,
+        prunable=("*",),
+        recalibrate=False,
+    ),
     "gfi_global": Variant("gfi", prunable=("*",)),  # + per-group normalisation, cap, BN re-estimate
     "gfi": Variant("gfi"),  # + the authors' layers only: the registry's default
     "gfi_cost": Variant("gfi", ranking="score_per_cost"),
@@ -178,7 +184,11 @@ def run(args: argparse.Namespace, partial=None) -> dict:
                         "model": model,
                         "seed": seed,
                         "method": name,
-                        "variant": dataclasses.asdict(variant),
+                        "variant": {
+                            **dataclasses.asdict(variant),
+                            "method": methods.get(variant.method).name,
+                            "normalize": methods.get(variant.method).normalize,
+                        },
                         "macs_ratio_target": ratio,
                         "macs": record["macs_after"],
                         "macs_ratio": record["macs_after"] / record["macs_before"],

@@ -178,8 +178,12 @@ METHODS: Mapping[str, Method] = {
 }
 
 
-def get(name: str) -> Method:
-    """The method called ``name``; ValueError listing the valid names otherwise."""
+def get(name: str | Method) -> Method:
+    """The method called ``name`` (a `Method` is returned as is: a user's own variant, e.g.
+    ``dataclasses.replace(methods.get("gfi"), name="gfi_raw", normalize=None)``); ValueError
+    listing the valid names otherwise."""
+    if isinstance(name, Method):
+        return name
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     return METHODS[name]

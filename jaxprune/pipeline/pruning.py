@@ -43,7 +43,7 @@ from jaxprune.train.step import state_from_variables
 DEFAULT_RECALIBRATE_BATCHES = 40
 
 
-def check_method(method: str) -> methods.Method:
+def check_method(method: str | methods.Method) -> methods.Method:
     """The registry entry named ``method``; ValueError listing the valid names otherwise."""
     return methods.get(method)
 
@@ -84,7 +84,7 @@ class Selection:
 
 def _selection(
     arch: Architecture,
-    method: str,
+    method: str | methods.Method,
     budget: Budget,
     *,
     policy: Policy | str | None,
@@ -360,7 +360,7 @@ def _prune_layerwise(
 def prune(
     workdir: str | os.PathLike,
     out: str | os.PathLike,
-    method: str,
+    method: str | methods.Method,
     budget: Budget,
     *,
     round_to: int = 1,
@@ -398,7 +398,7 @@ def prune(
     Args:
       workdir: the trained (or fine-tuned) run.
       out: a new workdir.
-      method: a name of `jaxprune.methods.METHODS`.
+      method: a name of `jaxprune.methods.METHODS`, or a `methods.Method` of one's own.
       budget: what the pruned network keeps.
       round_to: every width a multiple of this (or full).
       policy: ``"adaptive"``, ``"uniform"`` or ``"threshold"``; None: the method's.
