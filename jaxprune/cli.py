@@ -311,25 +311,22 @@ def _train(args: argparse.Namespace) -> None:
     synthetic = None
     if args.synthetic_shape is not None:
         synthetic = data.SyntheticOptions(image_shape=args.synthetic_shape)
-    try:
-        config = pipeline.TrainConfig(
-            model=args.model,
-            data=args.data,
-            num_steps=args.steps,
-            num_epochs=args.epochs,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            optimizer=optim.OptimizerConfig(**changes),
-            label_smoothing=args.label_smoothing,
-            compute_dtype=args.dtype,
-            synthetic=synthetic,
-            data_dir=args.data_dir,
-            checkpoint_every=args.checkpoint_every,
-            keep_checkpoints=args.keep_checkpoints,
-            collect_gfi=args.collect_gfi,
-        )
-    except ValueError as e:
-        raise pipeline.UserError(str(e)) from None
+    config = pipeline.TrainConfig(
+        model=args.model,
+        data=args.data,
+        num_steps=args.steps,
+        num_epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        optimizer=optim.OptimizerConfig(**changes),
+        label_smoothing=args.label_smoothing,
+        compute_dtype=args.dtype,
+        synthetic=synthetic,
+        data_dir=args.data_dir,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        score_during_training="gfi" if args.collect_gfi else None,
+    )
     result = pipeline.train(
         config,
         args.workdir,

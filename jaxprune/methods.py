@@ -74,6 +74,8 @@ class Method:
       prunable: ``arch -> glob patterns`` of the groups cut by default (None: every group).
       ranking: what `select.adaptive` orders channels by.
       summary: one line for ``--help`` and the docs.
+      accumulator: a `jaxprune.train.GateAccumulator` that collects this method's scores during
+        training at no extra cost (``TrainConfig.score_during_training``), or None.
     """
 
     name: str
@@ -84,6 +86,7 @@ class Method:
     prunable: Callable[[Architecture], tuple[str, ...]] | None = None
     ranking: Ranking = Ranking.SCORE
     summary: str = ""
+    accumulator: Any = None
 
     @property
     def needs_data(self) -> bool:
@@ -138,6 +141,7 @@ METHODS: Mapping[str, Method] = {
             prunable=authors_layers,
             summary="GFI-AP, recommended: per-example gate gradients, normalised per group, "
             "one global ranking over the authors' layers",
+            accumulator=importance.GFIAccumulation(),
         ),
         Method(
             "gfi_ap_authors",

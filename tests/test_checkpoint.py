@@ -20,7 +20,7 @@ CONFIG = pipeline.TrainConfig(
     batch_size=16,
     checkpoint_every=4,
     optimizer=train.OptimizerConfig(learning_rate=0.02),
-    collect_gfi=True,
+    score_during_training="gfi",
 )
 
 
@@ -31,7 +31,7 @@ def _state(workdir, step=None):
     arch = jp.models.from_dict(meta["arch"])
     optimizer = train.OptimizerConfig.from_dict(meta["config"]["optimizer"])
     target = train.abstract_train_state(
-        arch, train.make_optimizer(optimizer), train.make_mesh(), collect_gfi=True
+        arch, train.make_optimizer(optimizer), train.make_mesh(), CONFIG.accumulator
     )
     return arch, checkpoint.restore(workdir, step, target)
 
@@ -90,7 +90,7 @@ def test_a_run_split_in_two_equals_an_uninterrupted_run(runs):
     _, state_split = _state(runs["split"])
     for a, b in zip(jax.tree.leaves(state_whole), jax.tree.leaves(state_split), strict=True):
         np.testing.assert_array_equal(a, b)  # params, BatchNorm statistics, momentum, GFI sums
-    assert int(state_whole.gfi.num_steps) == 10
+    assert int(state_whole.aux.num_steps) == 10
 
 
 def test_train_step_compiles_once_per_run(runs):

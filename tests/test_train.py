@@ -109,9 +109,10 @@ def test_train_step_compiles_once_across_steps_and_a_checkpoint_restore(lenet_se
 def test_gate_gradients_come_from_the_same_backward_pass_and_accumulate(lenet_setup):
     dataset, arch, mesh, config = lenet_setup
     tx = train.make_optimizer(config)
-    options = train.StepOptions(collect_gate_grads=True, accumulate_gfi=True)
+    accumulator = importance.GFIAccumulation()
+    options = train.StepOptions(collect_gate_grads=True, accumulator=accumulator)
     step = train.make_train_step(arch, tx, train.make_schedule(config, 3), mesh, options)
-    state = train.create_train_state(arch, tx, 0, mesh, collect_gfi=True)
+    state = train.create_train_state(arch, tx, 0, mesh, accumulator=accumulator)
     abs_sum = {g: 0.0 for g in jp.groups(arch)}
     for images, labels in _batches(mesh, dataset, 3):
         variables = state.variables
@@ -125,8 +126,8 @@ def test_gate_gradients_come_from_the_same_backward_pass_and_accumulate(lenet_se
         for g in expected:  # LeNet has no BatchNorm: train and eval mode agree.
             np.testing.assert_allclose(gate_grads[g], expected[g], rtol=1e-4, atol=1e-7)
             abs_sum[g] = abs_sum[g] + np.abs(np.asarray(gate_grads[g]))
-    assert int(state.gfi.num_steps) == 3
-    scores = importance.gfi_accumulator_scores(state.gfi)
+    assert accumulator.steps(state.aux) == 3
+    scores = accumulator.scores(state.aux)
     for g in abs_sum:
         np.testing.assert_allclose(scores[g], abs_sum[g] / 3, rtol=1e-5)
 
@@ -248,3 +249,18 @@ def test_recalibrated_batch_norm_is_the_batch_statistics(name):
     mean = jax.tree.map(lambda a, b: (a + b) / 2, recalibrated["batch_stats"], one_y["batch_stats"])
     for got, want in zip(jax.tree.leaves(both["batch_stats"]), jax.tree.leaves(mean), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.abs(want).max()))
+
+
+def test_the_trainer_knows_no_pruning_method():
+    """The train package imports no criterion, selection or method: gate gradients reach a
+    caller's accumulator through `StepOptions.accumulator` (GFI-AP is one user)."""
+    import ast
+    import pathlib
+
+    package = pathlib.Path(train.__file__).parent
+    for source in package.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith(
+                    ("jaxprune.importance", "jaxprune.select", "jaxprune.methods")
+                ), (source.name, node.module)

@@ -31,6 +31,7 @@ from jaxprune.importance.gates import (
 from jaxprune.importance.gfi import (
     Accumulate,
     BatchNormMode,
+    GFIAccumulation,
     GFIAccumulator,
     Signal,
     gfi,
@@ -62,6 +63,7 @@ __all__ = [
     "Criterion",
     "Distance",
     "FPGMCenter",
+    "GFIAccumulation",
     "GFIAccumulator",
     "LossFn",
     "Mode",

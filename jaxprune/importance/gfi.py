@@ -33,6 +33,7 @@ References:
   github.com/miltonmondal/GFI-AP.
 """
 
+import dataclasses
 import enum
 import functools
 from typing import Any, NamedTuple
@@ -216,6 +217,30 @@ def gfi_accumulator_update(
         for g, total in state.abs_gate_grad_sum.items()
     }
     return GFIAccumulator(summed, state.num_steps + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class GFIAccumulation:
+    """GFI-AP's training-time score as the train step's `jaxprune.train.GateAccumulator`:
+
+    options = train.StepOptions(accumulator=GFIAccumulation())
+    state = train.create_train_state(arch, tx, seed, mesh, accumulator=GFIAccumulation())
+    ...                                   # train; then
+    scores = GFIAccumulation().scores(state.aux)
+    """
+
+    def init(self, arch: Architecture) -> GFIAccumulator:
+        return gfi_accumulator_init(arch)
+
+    def update(self, state: GFIAccumulator, gate_grads: dict[str, jax.Array]) -> GFIAccumulator:
+        return gfi_accumulator_update(state, gate_grads)
+
+    def steps(self, state: GFIAccumulator) -> int:
+        """How many train steps ``state`` holds."""
+        return int(jax.device_get(state.num_steps))
+
+    def scores(self, state: GFIAccumulator) -> Scores:
+        return gfi_accumulator_scores(state)
 
 
 def gfi_accumulator_scores(state: GFIAccumulator) -> Scores:

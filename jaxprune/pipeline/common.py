@@ -93,10 +93,7 @@ def run_length(config: TrainConfig, dataset: data.Dataset) -> tuple[int, int]:
 
 def data_mesh(devices: Sequence[jax.Device] | None, batch_size: int) -> jax.sharding.Mesh:
     mesh = parallel.make_mesh(devices)
-    try:
-        parallel.check_batch_size(mesh, batch_size)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    parallel.check_batch_size(mesh, batch_size)
     return mesh
 
 
@@ -236,8 +233,8 @@ def restore(
     arch = models.from_dict(meta["arch"])
     saved = OptimizerConfig.from_dict(meta["config"]["optimizer"])
     tx = make_optimizer(saved)
-    collect_gfi = bool(meta["config"].get("collect_gfi", False))
-    target = abstract_train_state(arch, tx, mesh, collect_gfi)
+    accumulator = TrainConfig.from_dict(meta["config"]).accumulator
+    target = abstract_train_state(arch, tx, mesh, accumulator)
     state = checkpoint.restore(workdir, step, target)
     if optimizer is not None and optimizer.name != saved.name:
         # A different optimizer has a different state; start it afresh.
@@ -315,7 +312,7 @@ def run(
     arch, state = loaded.arch, loaded.state
     total_steps, per_epoch = run_length(config, dataset)
     options = StepOptions(
-        config.label_smoothing, config.compute_dtype, accumulate_gfi=config.collect_gfi
+        config.label_smoothing, config.compute_dtype, accumulator=config.accumulator
     )
     train_step = train_step_for(arch, config.optimizer, total_steps, mesh, options)
     evaluate = evaluator(arch, dataset, mesh, config)

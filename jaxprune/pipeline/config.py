@@ -7,7 +7,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
-from jaxprune import data, select
+from jaxprune import data, methods, select
 from jaxprune.train.optim import OptimizerConfig
 from jaxprune.train.step import ComputeDtype
 
@@ -55,9 +55,9 @@ class TrainConfig:
       checkpoint_every: also save every this many steps (always: each epoch and the end).
       log_every: fetch metrics from the device this often.
       keep_checkpoints: how many recent checkpoints to keep.
-      collect_gfi: accumulate GFI-AP's filter importance (mean |dL/dgate| over the training
-        steps) in the train state, from the step's own backward pass; `prune` with method
-        ``gfi`` then uses it.
+      score_during_training: the name of a method with an accumulator (`jaxprune.methods`;
+        ``"gfi"``: GFI-AP's mean |dL/dgate| over the training steps) whose scores the train
+        step collects from its own backward pass; `prune` with that method then uses them.
     """
 
     model: str
@@ -74,10 +74,16 @@ class TrainConfig:
     checkpoint_every: int | None = None
     log_every: int = 50
     keep_checkpoints: int = 3
-    collect_gfi: bool = False
+    score_during_training: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "compute_dtype", ComputeDtype(self.compute_dtype))
+        if self.score_during_training is not None and self.accumulator is None:
+            collecting = [n for n, m in methods.METHODS.items() if m.accumulator is not None]
+            raise UserError(
+                f"method {self.score_during_training!r} has no scores to collect during training;"
+                f" methods that do: {', '.join(collecting)}"
+            )
         if (self.num_steps is None) == (self.num_epochs is None):
             raise UserError("give exactly one of --steps and --epochs")
         length = self.num_steps if self.num_steps is not None else self.num_epochs
@@ -89,6 +95,13 @@ class TrainConfig:
             raise UserError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}")
+
+    @property
+    def accumulator(self):
+        """The `jaxprune.train.GateAccumulator` of ``score_during_training`` (None: none)."""
+        if self.score_during_training is None:
+            return None
+        return methods.get(self.score_during_training).accumulator
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -102,6 +115,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> TrainConfig:
         fields = dict(fields)
+        if fields.pop("collect_gfi", False):  # the name of this setting before 2026-11-30
+            fields["score_during_training"] = "gfi"
         fields["optimizer"] = OptimizerConfig.from_dict(fields["optimizer"])
         if fields.get("synthetic") is not None:
             synthetic = dict(fields["synthetic"])

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxprune import checkpoint, data, importance, methods, models
+from jaxprune import checkpoint, data, methods, models
 from jaxprune.flops import count_macs, count_params
 from jaxprune.graph import Architecture, groups
 from jaxprune.pipeline import common
@@ -150,11 +150,16 @@ def _training_images(source: common.Loaded, num_batches: int, augment: bool) -> 
 def _score(source: common.Loaded, selection: Selection, verbose: bool) -> tuple[Any, str]:
     """(scores, what they were computed on) for the network in ``source``."""
     arch, state, method = source.arch, source.state, selection.method
-    accumulated = int(jax.device_get(state.gfi.num_steps)) if state.gfi else 0
-    if method.name == "gfi" and accumulated:
-        # The training steps' own gate gradients (TrainConfig.collect_gfi): no extra pass.
-        common.say(verbose, f"scoring {arch.name} with gfi accumulated over {accumulated} steps")
-        return importance.gfi_accumulator_scores(state.gfi), f"training accumulator, {accumulated}"
+    if (
+        method.accumulator is not None
+        and state.aux
+        and source.config.accumulator == method.accumulator
+    ):
+        # Collected by the training steps' own backward pass (TrainConfig.score_during_training).
+        steps = method.accumulator.steps(state.aux)
+        if steps:
+            common.say(verbose, f"scoring {arch.name} with {method.name} over {steps} train steps")
+            return method.accumulator.scores(state.aux), f"training accumulator, {steps} steps"
     batches, scored_on = None, "weights"
     if method.needs_data:
         count = selection.num_batches or method.data.num_batches
@@ -197,7 +202,7 @@ def _write_pruned(
         pruned_variables = recalibrate_batch_norm(pruned_arch, cut_variables, images)
 
     def state_of(variables):
-        return state_from_variables(pruned_arch, variables, tx, mesh, opt_state, config.collect_gfi)
+        return state_from_variables(pruned_arch, variables, tx, mesh, opt_state, config.accumulator)
 
     pruned_state = state_of(pruned_variables)
     record = {

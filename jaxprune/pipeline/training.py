@@ -50,11 +50,9 @@ def train(
       ``"loss"`` on the test split.
     """
     workdir = Path(workdir)
-    try:  # Names first: a typo is reported before any data is read.
-        models.create(config.model)
-        data.parse_dataset_name(config.data)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    # Names first: a typo is reported before any data is read (ValueError, listing valid names).
+    models.create(config.model)
+    data.parse_dataset_name(config.data)
     dataset = common.load_dataset(config)
     arch = models.create(config.model, dataset.num_classes, dataset.input_shape)
     mesh = common.data_mesh(devices, config.batch_size)
@@ -63,7 +61,7 @@ def train(
     if step is None:
         common.check_input_shape(arch)
         tx = make_optimizer(config.optimizer)
-        state = create_train_state(arch, tx, config.seed, mesh, config.collect_gfi)
+        state = create_train_state(arch, tx, config.seed, mesh, config.accumulator)
         common.say(
             verbose,
             f"training {arch.name} on {dataset.name.value} for {total_steps} steps on "

@@ -32,6 +32,7 @@ from jaxprune.train.parallel import (
 )
 from jaxprune.train.step import (
     ComputeDtype,
+    GateAccumulator,
     StepOptions,
     TrainState,
     abstract_train_state,
@@ -53,6 +54,7 @@ __all__ = [
     "OptimizerName",
     "ScheduleName",
     "StepOptions",
+    "GateAccumulator",
     "TrainState",
     "TrainingDiverged",
     "abstract_train_state",

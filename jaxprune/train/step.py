@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import flax.struct
 import jax
@@ -27,7 +27,6 @@ import optax
 from jax.sharding import Mesh
 
 from jaxprune.graph import Architecture, groups
-from jaxprune.importance.gfi import gfi_accumulator_init, gfi_accumulator_update
 from jaxprune.train import parallel
 from jaxprune.train.optim import cross_entropy
 
@@ -45,6 +44,22 @@ class ComputeDtype(enum.StrEnum):
         return jnp.bfloat16 if self is ComputeDtype.BFLOAT16 else jnp.float32
 
 
+class GateAccumulator(Protocol):
+    """What a caller hands the train step to receive every step's gate gradients.
+
+    The step differentiates its loss with respect to ``(params, gates)`` at gates = 1 in its one
+    backward pass and folds the gate part into ``TrainState.aux`` with ``update``: importance that
+    costs no extra pass (GFI-AP's training-time score is one such accumulator,
+    `jaxprune.importance.GFIAccumulation`). Instances must be hashable (frozen dataclasses).
+    """
+
+    def init(self, arch: Architecture) -> Any:
+        """The empty accumulator state for ``arch``'s groups (a pytree)."""
+
+    def update(self, state: Any, gate_grads: dict[str, jax.Array]) -> Any:
+        """``state`` with one step's ``{group: f32[n]}`` gate gradients added (pure, jittable)."""
+
+
 @flax.struct.dataclass
 class TrainState:
     """Everything that changes during training, as one pytree (checkpointed whole).
@@ -54,15 +69,14 @@ class TrainState:
       params: the model's ``params`` collection, float32.
       batch_stats: BatchNorm running statistics (``{}`` for models without BatchNorm).
       opt_state: state of `jaxprune.train.make_optimizer`'s transformation.
-      gfi: the GFI running accumulator (`jaxprune.importance.GFIAccumulator`) when the run
-        collects it, else ``()``.
+      aux: the state of the run's `GateAccumulator`, if it has one, else ``()``.
     """
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
-    gfi: Any = ()
+    aux: Any = ()
 
     @property
     def variables(self) -> dict:
@@ -73,7 +87,10 @@ class TrainState:
 
 
 def _init_state(
-    arch: Architecture, tx: optax.GradientTransformation, key: jax.Array, collect_gfi: bool
+    arch: Architecture,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    accumulator: GateAccumulator | None,
 ) -> TrainState:
     x = jnp.zeros((1, *arch.input_shape), jnp.float32)
     variables = arch.module().init(key, x, train=False)
@@ -83,7 +100,7 @@ def _init_state(
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
-        gfi=gfi_accumulator_init(arch) if collect_gfi else (),
+        aux=accumulator.init(arch) if accumulator is not None else (),
     )
 
 
@@ -92,15 +109,15 @@ def create_train_state(
     tx: optax.GradientTransformation,
     seed: int,
     mesh: Mesh,
-    collect_gfi: bool = False,
+    accumulator: GateAccumulator | None = None,
 ) -> TrainState:
     """A fresh state, initialised from ``seed`` directly into replicated arrays on ``mesh``.
 
     The values depend only on ``seed`` (not on the mesh), and every process of a multi-host run
-    computes the same ones. ``collect_gfi`` adds an empty GFI accumulator.
+    computes the same ones. ``accumulator`` adds its empty state as ``aux``.
     """
     init = jax.jit(
-        lambda key: _init_state(arch, tx, key, collect_gfi), out_shardings=parallel.replicated(mesh)
+        lambda key: _init_state(arch, tx, key, accumulator), out_shardings=parallel.replicated(mesh)
     )
     # XLA's RngBitGenerator: the same values for a seed, and on CPU the init compiles ~4x faster
     # than with threefry keys (17 s -> 5 s for ResNet-20).
@@ -113,14 +130,14 @@ def state_from_variables(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     opt_state: Any = None,
-    collect_gfi: bool = False,
+    accumulator: GateAccumulator | None = None,
 ) -> TrainState:
     """A step-0 state holding ``arch``'s ``variables`` (e.g. pruned ones), replicated on ``mesh``.
 
     Args:
       opt_state: the optimizer state to continue from (e.g. sliced by `jaxprune.prune_like`);
         None: a fresh one.
-      collect_gfi: add an empty GFI accumulator.
+      accumulator: add its empty state as ``aux``.
     """
     params = variables["params"]
     state = TrainState(
@@ -128,20 +145,23 @@ def state_from_variables(
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params) if opt_state is None else opt_state,
-        gfi=gfi_accumulator_init(arch) if collect_gfi else (),
+        aux=accumulator.init(arch) if accumulator is not None else (),
     )
     return jax.device_put(state, parallel.replicated(mesh))
 
 
 def abstract_train_state(
-    arch: Architecture, tx: optax.GradientTransformation, mesh: Mesh, collect_gfi: bool = False
+    arch: Architecture,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    accumulator: GateAccumulator | None = None,
 ) -> TrainState:
     """Shapes, dtypes and (replicated) shardings of ``arch``'s train state, computing nothing.
 
     The restore target of a checkpoint: shapes come from the architecture (``jax.eval_shape``),
     so a pruned architecture gives the narrower target.
     """
-    shapes = jax.eval_shape(lambda key: _init_state(arch, tx, key, collect_gfi), jax.random.key(0))
+    shapes = jax.eval_shape(lambda key: _init_state(arch, tx, key, accumulator), jax.random.key(0))
     sharding = parallel.replicated(mesh)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
@@ -155,15 +175,14 @@ class StepOptions:
       compute_dtype: dtype of activations.
       collect_gate_grads: also return d(batch loss)/d(gates) at gates = 1 for every prunable group
         (from the same backward pass) as a third output.
-      accumulate_gfi: add those gate gradients to the state's GFI accumulator, inside the step
-        (Mondal et al. 2022 score filters by how the network learns). The state must carry one
-        (``create_train_state(..., collect_gfi=True)``).
+      accumulator: fold those gate gradients into ``state.aux`` inside the step; the state must
+        carry its state (``create_train_state(..., accumulator=...)``).
     """
 
     label_smoothing: float = 0.0
     compute_dtype: ComputeDtype = ComputeDtype.FLOAT32
     collect_gate_grads: bool = False
-    accumulate_gfi: bool = False
+    accumulator: GateAccumulator | None = None
 
 
 def make_train_step(
@@ -206,7 +225,7 @@ def make_train_step(
 
     def step(state: TrainState, images: jax.Array, labels: jax.Array):
         gates = None
-        if options.collect_gate_grads or options.accumulate_gfi:
+        if options.collect_gate_grads or options.accumulator is not None:
             gates = {g: jnp.ones((n,), jnp.float32) for g, n in group_sizes.items()}
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
         (loss, (logits, batch_stats)), (grads, gate_grads) = grad_fn(
@@ -217,15 +236,15 @@ def make_train_step(
         params = optax.apply_updates(
             state.params, jax.tree.map(lambda d: -learning_rate * d, direction)
         )
-        gfi = state.gfi
-        if options.accumulate_gfi:
-            gfi = gfi_accumulator_update(gfi, gate_grads)
+        aux = state.aux
+        if options.accumulator is not None:
+            aux = options.accumulator.update(aux, gate_grads)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
             batch_stats=batch_stats,
             opt_state=opt_state,
-            gfi=gfi,
+            aux=aux,
         )
         grad_norm = optax.tree.norm(grads)
         metrics = {
