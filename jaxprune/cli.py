@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -450,6 +451,23 @@ _COMMANDS = {
 }
 
 
+# Python names in library errors -> the flags a command-line user typed (the one translation).
+_FLAG_OF = {
+    name: f"--{name.replace('_', '-')}"
+    for name in (
+        "batch_size", "checkpoint_every", "label_smoothing", "restore_step", "keep_checkpoints",
+        "macs_ratio", "params_ratio", "filters_ratio", "max_pruning_ratio", "round_to",
+        "num_batches", "round_steps", "recalibrate_batches", "data_dir",
+    )
+} | {"num_steps": "--steps", "num_epochs": "--epochs"}  # fmt: skip
+_PYTHON_NAMES = re.compile(r"\b(" + "|".join(_FLAG_OF) + r")\b")
+
+
+def error_line(error: BaseException) -> str:
+    """The one-line message of a library error, with Python parameter names as the flags."""
+    return _PYTHON_NAMES.sub(lambda m: _FLAG_OF[m.group(1)], " ".join(str(error).split()))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Runs one command; exits with status 1 (user error), 2 (usage) or 130 (interrupted)."""
     args = build_parser().parse_args(argv)
@@ -473,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ) as e:
         # The one place Python errors become the command's one-line messages (UserError is a
         # ValueError; so are the library's refusals of bad settings and budgets).
-        sys.stderr.write(f"{prog}: error: {' '.join(str(e).split())}\n")
+        sys.stderr.write(f"{prog}: error: {error_line(e)}\n")
         raise SystemExit(USER_ERROR) from None
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted; the checkpoints written so far are kept\n")

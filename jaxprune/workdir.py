@@ -145,7 +145,9 @@ def owned(workdir: str | os.PathLike, *, new: bool = False, primary: bool = True
         return
     missing = _check_writable(path)
     if new and not missing and any(path.iterdir()) and not is_workdir(path):
-        raise WorkdirError(f"{path} is not empty and is not a jaxprune workdir; give a new --out")
+        raise WorkdirError(
+            f"{path} is not empty and is not a jaxprune workdir; give a new output directory"
+        )
     lock_existed = (path / LOCK_FILE).exists()
     try:
         for directory in reversed(missing):
@@ -161,7 +163,7 @@ def owned(workdir: str | os.PathLike, *, new: bool = False, primary: bool = True
     _held[path] = _Held(fd, 1, missing)
     try:
         if new and (path / "checkpoints").is_dir() and any((path / "checkpoints").iterdir()):
-            raise WorkdirError(f"{path} already holds checkpoints; give a new --out directory")
+            raise WorkdirError(f"{path} already holds checkpoints; give a new output directory")
         yield path
     finally:
         del _held[path]

@@ -131,7 +131,7 @@ def test_corrupt_checkpoint_is_refused_with_the_workdir_unchanged(trained, damag
     message = str(refused.value)
     assert "\n" not in message
     assert str(checkpoint.step_path(trained, 10)) in message and target.name in message
-    assert "--restore-step" in message  # the way to choose an older step, never taken silently
+    assert "restore_step" in message  # the way to choose an older step, never taken silently
     with pytest.raises(checkpoint.CheckpointError):
         pipeline.evaluate(trained)
     assert _snapshot(trained) == before
@@ -205,7 +205,7 @@ def test_a_step_without_its_manifest_is_refused_not_loaded_unverified(trained):
             attempt()
         message = str(refused.value)
         assert f"corrupt checkpoint {step_dir}: its checksum manifest" in message
-        assert "--restore-step: 8" in message and "\n" not in message
+        assert "restore_step: 8" in message and "\n" not in message
     assert _snapshot(trained) == before
 
 
@@ -215,5 +215,5 @@ def test_the_corrupt_checkpoint_hint_names_only_a_step_that_verifies(trained):
         target.write_bytes(target.read_bytes()[:-7])
     with pytest.raises(checkpoint.CheckpointError) as refused:
         pipeline.evaluate(trained)
-    assert str(refused.value).endswith("--restore-step: 6)")  # not 8, itself corrupt
+    assert str(refused.value).endswith("restore_step: 6)")  # not 8, itself corrupt
     assert pipeline.evaluate(trained, restore_step=6)["step"] == 6

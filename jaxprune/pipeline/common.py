@@ -83,9 +83,7 @@ def run_length(config: TrainConfig, dataset: data.Dataset) -> tuple[int, int]:
     num_train = dataset.num_examples[data.Split.TRAIN]
     per_epoch = data.steps_per_epoch(num_train, config.batch_size)
     if per_epoch == 0:
-        raise UserError(
-            f"--batch-size {config.batch_size} exceeds the {num_train} training examples"
-        )
+        raise UserError(f"batch_size {config.batch_size} exceeds the {num_train} training examples")
     if config.num_steps is not None:
         return config.num_steps, per_epoch
     return config.num_epochs * per_epoch, per_epoch
@@ -196,7 +194,7 @@ def read_meta(workdir: str | os.PathLike, step: int) -> dict:
             ) from None
         raise checkpoint.CheckpointError(
             f"{e}; nothing was changed (the newest older step that verifies may be chosen "
-            f"explicitly with --restore-step: {good})"
+            f"explicitly with restore_step: {good})"
         ) from None
 
 

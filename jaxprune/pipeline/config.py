@@ -85,16 +85,16 @@ class TrainConfig:
                 f" methods that do: {', '.join(collecting)}"
             )
         if (self.num_steps is None) == (self.num_epochs is None):
-            raise UserError("give exactly one of --steps and --epochs")
+            raise UserError("give exactly one of num_steps and num_epochs")
         length = self.num_steps if self.num_steps is not None else self.num_epochs
         if length < 1:
             raise UserError(f"the run must be at least one step or epoch long, got {length}")
         if self.batch_size < 1:
-            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+            raise UserError(f"batch_size must be positive, got {self.batch_size}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise UserError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
+            raise UserError(f"checkpoint_every must be positive, got {self.checkpoint_every}")
         if not 0 <= self.label_smoothing < 1:
-            raise UserError(f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}")
+            raise UserError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
 
     @property
     def accumulator(self):

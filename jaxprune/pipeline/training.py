@@ -78,7 +78,7 @@ def train(
         if differing:
             raise UserError(
                 f"{workdir} holds a run with other settings ({', '.join(differing)}); use a new "
-                "--workdir or the same settings"
+                "workdir or the same settings"
             )
         arch, state = common.restore(workdir, step, meta, mesh)
         checkpoint.reject_after(workdir, step)
@@ -141,7 +141,7 @@ def finetune(
     if meta["phase"] == Phase.FINETUNE and length == (None, None):
         length = (saved.num_steps, saved.num_epochs)
     elif length == (None, None):
-        raise UserError("give --steps or --epochs for the fine-tuning run")
+        raise UserError("give num_steps or num_epochs for the fine-tuning run")
     config = dataclasses.replace(
         saved,
         num_steps=length[0],
