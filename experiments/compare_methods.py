@@ -47,12 +47,13 @@ class Variant:
     ranking: str | None = None
     rounds: int = 1
     recalibrate: bool = True
+    num_batches: str | None = None  # "authors": --authors-batches; None: --score-batches
 
 
 VARIANTS: dict[str, Variant] = {
     "l1_uniform": Variant("l1", policy="uniform", max_pruning_ratio=None),
     "taylor_fo_bn": Variant("taylor_fo_bn"),
-    "gfi_ap_authors": Variant("gfi_ap_authors", max_pruning_ratio=None),
+    "gfi_ap_authors": Variant("gfi_ap_authors", max_pruning_ratio=None, num_batches="authors"),
     # GFI-AP's gradient ranking as the library ran it before the selection options (ablation):
     # raw scores, every group, no cap, no BatchNorm re-estimation.
     "gfi_global_raw": Variant(
@@ -96,6 +97,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--score-batches", type=int, default=None, help="scoring batches (default: the method's)"
     )
     p.add_argument(
+        "--authors-batches",
+        type=int,
+        default=None,
+        help="augmented batches gfi_ap_authors scores on (default: one epoch, the authors')",
+    )
+    p.add_argument(
         "--recalibrate-batches",
         type=int,
         default=pipeline.DEFAULT_RECALIBRATE_BATCHES,
@@ -118,7 +125,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.tiny:
         args.models, args.seeds, args.macs_ratios = ["lenet5"], [0], [0.7, 0.4]
         args.data, args.train_steps, args.finetune_steps = "synthetic", 2, 1
-        args.batch_size, args.score_batches = 16, 1
+        args.batch_size, args.score_batches, args.authors_batches = 16, 1, 1
         if args.methods == p.get_default("methods"):
             args.methods = ["gfi", "l1_uniform"]
     return args
@@ -137,7 +144,9 @@ def prune_variant(args, base: Path, out: Path, variant: Variant, ratio: float) -
         max_pruning_ratio=variant.max_pruning_ratio,
         prunable=variant.prunable,
         ranking=variant.ranking,
-        num_batches=args.score_batches,
+        num_batches=args.authors_batches
+        if variant.num_batches == "authors"
+        else args.score_batches,
         recalibrate_batches=args.recalibrate_batches if variant.recalibrate else 0,
         rounds=variant.rounds,
         round_steps=max(1, args.finetune_steps // variant.rounds) if variant.rounds > 1 else None,
