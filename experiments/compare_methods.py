@@ -65,6 +65,7 @@ VARIANTS: dict[str, Variant] = {
     "gfi_global": Variant("gfi", prunable=("*",)),  # + per-group normalisation, cap, BN re-estimate
     "gfi": Variant("gfi"),  # + the authors' layers only: the registry's default
     "gfi_cost": Variant("gfi", ranking="score_per_cost"),
+    "gfi_no_recalibration": Variant("gfi", recalibrate=False),
     "gfi_rounds3": Variant("gfi", rounds=3),
 }
 
@@ -75,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=[v for v in VARIANTS if v != "gfi_rounds3"],
+        default=[v for v in VARIANTS if v not in ("gfi_rounds3", "gfi_no_recalibration")],
         choices=list(VARIANTS),
     )
     p.add_argument(
