@@ -44,7 +44,7 @@ def test_compare_methods_tiny(tmp_path):
     assert {"settings", "machine", "date", "wall_s", "baselines", "runs"} <= set(result)
     ratios = result["settings"]["macs_ratios"]
     methods = result["settings"]["methods"]
-    assert {"gfi_gradient", "l1_uniform"} <= set(methods)
+    assert {"gfi", "l1_uniform"} <= set(methods)
     assert len(result["runs"]) == len(methods) * len(ratios)
     (baseline,) = result["baselines"]
     assert in_unit_interval(baseline["accuracy"])
@@ -62,7 +62,11 @@ def test_compare_methods_tiny(tmp_path):
             assert r["macs"] / baseline["macs"] == pytest.approx(r["macs_ratio"])
             assert all(w >= 1 for w in r["widths"].values())
     assert len(result["summary"]) == 1 + len(methods) * len(ratios)
-    assert "gfi_gradient" in script.format_table(result["summary"])
+    assert "gfi" in script.format_table(result["summary"])
+    for r in result["runs"]:
+        assert in_unit_interval(r["accuracy_at_cut"]) and in_unit_interval(
+            r["accuracy_recalibrated"]
+        )
 
     # --report pools the runs of several files (e.g. one process per seed) into one summary.
     other = json.loads(out.read_text())
@@ -88,18 +92,26 @@ def test_compare_methods_every_method_meets_the_budget(macs_ratio):
     import jax.numpy as jnp
 
     import jaxprune as jp
+    from jaxprune import methods, select
 
     script = load_script("compare_methods")
     arch = jp.models.create("lenet5", 10, (28, 28, 1))
     variables = arch.module().init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)
     images = jax.random.normal(jax.random.PRNGKey(1), (8, 28, 28, 1))
     batches = [(images, jnp.arange(8) % 10)]
-    for name, method in script.METHODS.items():
-        scores = script.score(method, arch, variables, batches)
+    budget = select.Budget("macs", macs_ratio)
+    for name, variant in script.VARIANTS.items():
+        method = methods.get(variant.method)
+        scores = method.score(arch, variables, batches if method.needs_data else None)
         assert {g: s.shape[0] for g, s in scores.items()} == jp.groups(arch), name
-        keep = script.choose(method, arch, scores, macs_ratio)
+        prunable = variant.prunable or method.default_prunable(arch)
+        rules = select.WidthRules(max_pruning_ratio=variant.max_pruning_ratio, prunable=prunable)
+        keep = method.select(arch, scores, budget, rules, variant.policy, variant.ranking)
         pruned, _ = jp.prune(arch, variables, keep)
         assert jp.count_macs(pruned) <= macs_ratio * jp.count_macs(arch) * (1 + 1e-9), name
+        if variant.max_pruning_ratio is not None:  # no group below the cap
+            for g, n in jp.groups(arch).items():
+                assert len(keep[g]) >= (1 - variant.max_pruning_ratio) * n - 1e-9, (name, g)
 
 
 def test_fsabp_lenet_tiny(tmp_path):
