@@ -217,3 +217,16 @@ def test_the_corrupt_checkpoint_hint_names_only_a_step_that_verifies(trained):
         pipeline.evaluate(trained)
     assert str(refused.value).endswith("restore_step: 6)")  # not 8, itself corrupt
     assert pipeline.evaluate(trained, restore_step=6)["step"] == 6
+
+
+def test_a_checkpoint_written_before_train_state_aux_was_named_restores(trained, tmp_path):
+    """Workdirs saved when `TrainState.aux` was called ``gfi`` still restore, to the same values."""
+    from jaxprune.train.step import legacy_target
+
+    _, state = _state(trained)
+    meta = checkpoint.read_meta(trained, 10)
+    old = tmp_path / "old"
+    with checkpoint.Writer(old) as writer:
+        writer.save(10, legacy_target(state), {k: v for k, v in meta.items() if k != "format"})
+    before, after = pipeline.evaluate(trained), pipeline.evaluate(old)
+    assert after["accuracy"] == before["accuracy"] and after["loss"] == before["loss"]

@@ -25,6 +25,8 @@ from jaxprune.train.step import (
     StepOptions,
     TrainState,
     abstract_train_state,
+    from_legacy,
+    legacy_target,
     make_eval_step,
     make_train_step,
 )
@@ -233,7 +235,13 @@ def restore(
     tx = make_optimizer(saved)
     accumulator = TrainConfig.from_dict(meta["config"]).accumulator
     target = abstract_train_state(arch, tx, mesh, accumulator)
-    state = checkpoint.restore(workdir, step, target)
+    try:
+        state = checkpoint.restore(workdir, step, target)
+    except checkpoint.CheckpointError as error:
+        try:  # written before TrainState.aux got its name ("gfi" then)
+            state = from_legacy(checkpoint.restore(workdir, step, legacy_target(target)))
+        except checkpoint.CheckpointError:
+            raise error from None
     if optimizer is not None and optimizer.name != saved.name:
         # A different optimizer has a different state; start it afresh.
         state = state.replace(opt_state=jax.jit(make_optimizer(optimizer).init)(state.params))

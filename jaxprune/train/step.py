@@ -86,6 +86,29 @@ class TrainState:
         return {"params": self.params}
 
 
+@flax.struct.dataclass
+class _TrainStateBefore20261130:
+    """`TrainState` as checkpoints written before 2026-11-30 hold it (``aux`` was ``gfi``)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    gfi: Any = ()
+
+
+def legacy_target(target: TrainState) -> Any:
+    """``target`` in the layout of checkpoints written before ``TrainState.aux`` got its name."""
+    return _TrainStateBefore20261130(
+        target.step, target.params, target.batch_stats, target.opt_state, target.aux
+    )
+
+
+def from_legacy(state: Any) -> TrainState:
+    """A `TrainState` of a state restored with `legacy_target`."""
+    return TrainState(state.step, state.params, state.batch_stats, state.opt_state, state.gfi)
+
+
 def _init_state(
     arch: Architecture,
     tx: optax.GradientTransformation,
