@@ -1,6 +1,7 @@
 """Importance criteria: structure, jit, exact definitions, ranking quality against the oracle."""
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,10 @@ from conftest import random_variables, tiny_resnet
 
 import jaxprune as jp
 from jaxprune import importance as imp
+from jaxprune.importance import filters as filter_module
+from jaxprune.importance import gates
+
+gfi_module = importlib.import_module("jaxprune.importance.gfi")  # `importance.gfi` is the function
 
 ARCHS = {"lenet5": lambda: jp.models.create("lenet5"), "tiny_resnet": tiny_resnet}
 
@@ -92,7 +97,7 @@ def test_oracle_equals_python_loop(name):
         increases = np.zeros(n)
         for c in range(n):
             for images, labels in batches:
-                ones = imp.ones_gates(arch)
+                ones = gates.ones_gates(arch)
                 removed = {**ones, group: ones[group].at[c].set(0.0)}
                 increases[c] += float(loss(removed, images, labels) - loss(ones, images, labels))
         expected[group] = increases / len(batches)
@@ -101,7 +106,7 @@ def test_oracle_equals_python_loop(name):
     # programs: each loss carries rounding of a few ulps of its magnitude whatever the CPU's
     # kernels, so the bound is in ulps of the loss, not an absolute 1e-6 (which an AVX-512 CPU
     # exceeded by 2x). 32 ulps of the largest loss covers reductions over the batch and logits.
-    loss_scale = max(float(loss(imp.ones_gates(arch), x, y)) for x, y in batches)
+    loss_scale = max(float(loss(gates.ones_gates(arch), x, y)) for x, y in batches)
     atol = 32 * np.finfo(np.float32).eps * loss_scale
     for group in expected:
         np.testing.assert_allclose(got[group], expected[group], rtol=1e-4, atol=atol)
@@ -123,7 +128,7 @@ def test_gfi_gradient_definitions():
     arch = tiny_resnet()
     variables = random_variables(arch, seed=5)
     batches = batches_for(arch)
-    grads = [imp.gate_gradients(arch, variables, x, y, imp.cross_entropy) for x, y in batches]
+    grads = [gates.gate_gradients(arch, variables, x, y, imp.cross_entropy) for x, y in batches]
     per_batch = imp.gfi(arch, variables, batches, accumulate="batch")
     singles = [(x[i : i + 1], y[i : i + 1]) for x, y in batches for i in range(4)]
     per_example = imp.gfi(arch, variables, batches, accumulate="example")
@@ -170,21 +175,21 @@ def test_accumulator_reuses_the_train_step_backward_pass():
             return imp.cross_entropy(logits, labels)
 
         _, (param_grads, gate_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
-            params, imp.ones_gates(arch)
+            params, gates.ones_gates(arch)
         )
         del param_grads  # an optimizer would use these
-        return imp.gfi_accumulator_update(state, gate_grads)
+        return gfi_module.gfi_accumulator_update(state, gate_grads)
 
-    state = imp.gfi_accumulator_init(arch)
+    state = gfi_module.gfi_accumulator_init(arch)
     for images, labels in batches:
         state = train_step(variables["params"], state, images, labels)
     assert int(state.num_steps) == 2
-    got = imp.gfi_accumulator_scores(state)
+    got = gfi_module.gfi_accumulator_scores(state)
     expected = imp.gfi(arch, variables, batches, accumulate="batch")
     for group in expected:
         np.testing.assert_allclose(got[group], expected[group], rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match="groups"):
-        imp.gfi_accumulator_update(state, {"conv1": jnp.ones(6)})
+        gfi_module.gfi_accumulator_update(state, {"conv1": jnp.ones(6)})
 
 
 def test_activation_signal_is_the_authors_class_max():
@@ -238,7 +243,7 @@ def test_norms_concatenate_the_producers_of_a_stage_group():
 def test_fpgm_geometric_median_and_sum_of_distances():
     arch = jp.models.create("lenet5")
     variables = random_variables(arch, seed=11)
-    filters = np.asarray(imp.filter_matrix(arch, variables, "conv2"), np.float64)
+    filters = np.asarray(filter_module.filter_matrix(arch, variables, "conv2"), np.float64)
     distances = np.linalg.norm(filters[:, None] - filters[None], axis=-1)
     summed = imp.fpgm(arch, variables, center="sum_of_distances")["conv2"]
     np.testing.assert_allclose(summed, distances.sum(1), rtol=1e-4)

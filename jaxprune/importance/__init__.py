@@ -17,17 +17,8 @@ from collections.abc import Callable
 
 from jaxprune.importance.agreement import Agreement, agreement, spearman
 from jaxprune.importance.baselines import FPGMCenter, fpgm, l1, l2, random, taylor_fo_bn
-from jaxprune.importance.filters import filter_matrix, producer_outputs
-from jaxprune.importance.fsabp import Distance, Mode, fsabp, nearest_distance
-from jaxprune.importance.gates import (
-    Batches,
-    LossFn,
-    Scores,
-    cross_entropy,
-    gate_gradients,
-    ones_gates,
-    per_example_gate_gradients,
-)
+from jaxprune.importance.fsabp import Distance, Mode, fsabp
+from jaxprune.importance.gates import Scores, cross_entropy
 from jaxprune.importance.gfi import (
     Accumulate,
     BatchNormMode,
@@ -35,9 +26,6 @@ from jaxprune.importance.gfi import (
     GFIAccumulator,
     Signal,
     gfi,
-    gfi_accumulator_init,
-    gfi_accumulator_scores,
-    gfi_accumulator_update,
 )
 from jaxprune.importance.oracle import oracle
 

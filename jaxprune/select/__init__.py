@@ -25,8 +25,6 @@ from jaxprune.select.budget import (
     Policy,
     Ranking,
     WidthRules,
-    legal_widths,
-    min_widths,
     normalize_scores,
 )
 from jaxprune.select.oneshot import adaptive, threshold, uniform
