@@ -7,6 +7,7 @@ import pytest
 from jaxprune import cli, demo
 
 
+@pytest.mark.slow
 def test_tiny_demo_writes_table_json_and_png(tmp_path, capsys):
     config = demo.DemoConfig(model="lenet5", train_steps=4, finetune_steps=2, timing_batch_size=8)
     record = demo.run(config, tmp_path, progress=False)

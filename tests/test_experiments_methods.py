@@ -35,6 +35,7 @@ def in_unit_interval(x) -> bool:
     return isinstance(x, float) and 0.0 <= x <= 1.0
 
 
+@pytest.mark.slow
 def test_compare_methods_tiny(tmp_path):
     script = load_script("compare_methods")
     out = tmp_path / "2a.json"
@@ -114,6 +115,7 @@ def test_compare_methods_every_method_meets_the_budget(macs_ratio):
                 assert len(keep[g]) >= (1 - variant.max_pruning_ratio) * n - 1e-9, (name, g)
 
 
+@pytest.mark.slow
 def test_fsabp_lenet_tiny(tmp_path):
     script = load_script("fsabp_lenet")
     out = tmp_path / "2b.json"

@@ -291,6 +291,7 @@ def test_bad_requests_raise():
         imp.fsabp(arch, variables, mode="gradients")
 
 
+@pytest.mark.slow
 def test_lenet_fashion_mnist_ranking_against_the_oracle(fashion_lenet):
     """Briefly trained LeNet-5: GFI ranks like |oracle|, second-order GFI like the signed oracle."""
     arch, variables = fashion_lenet["arch"], fashion_lenet["variables"]

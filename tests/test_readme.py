@@ -3,9 +3,12 @@
 import pathlib
 import re
 
+import pytest
+
 README = pathlib.Path(__file__).parents[1] / "README.md"
 
 
+@pytest.mark.slow
 def test_readme_python_examples_run():
     """The blocks run in order in one namespace, as a reader would paste them."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)

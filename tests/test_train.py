@@ -204,6 +204,7 @@ def device_runs():
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two subprocesses train two models on 1 and 8 devices
 @pytest.mark.parametrize("name", ["lenet5", "resnet20"])
 def test_one_device_and_eight_devices_give_the_same_losses(device_runs, name):
     one, eight = device_runs[f"{name}/1"], device_runs[f"{name}/8"]
