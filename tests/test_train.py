@@ -117,9 +117,7 @@ def test_gate_gradients_come_from_the_same_backward_pass_and_accumulate(lenet_se
     abs_sum = {g: 0.0 for g in jp.groups(arch)}
     for images, labels in _batches(mesh, dataset, 3):
         variables = state.variables
-        expected = gates.gate_gradients(
-            arch, variables, images, labels, importance.cross_entropy
-        )
+        expected = gates.gate_gradients(arch, variables, images, labels, importance.cross_entropy)
         state, _, gate_grads = step(state, images, labels)
         assert {g: v.shape for g, v in gate_grads.items()} == {
             g: (n,) for g, n in jp.groups(arch).items()
