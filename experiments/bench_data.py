@@ -1,0 +1,200 @@
+"""Input pipeline speed: ImageNet-style training batches per second, grain workers vs one loop.
+
+Builds a JPEG-encoded ``imagenet2012`` tfds dataset (array_record) in a temporary directory, then
+times `jaxprune.data.train_batches` (JPEG decode, Inception crop to 224, flip, normalize, batch of
+128) with 0, 1, 2 and all-core grain workers, beside today's in-process loop (`train_batch` called
+step after step, no grain). Rates are steady-state: the workers' start-up (spawning, imports)
+is excluded and reported apart.
+
+    python experiments/bench_data.py [--json] [--tiny] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+
+from jaxprune import data
+
+# Random content with the file size of an average ImageNet JPEG (~110 KB): a smooth random
+# image (a 14x16 grid upsampled) plus Gaussian noise, JPEG quality 90.
+_GRID = (14, 16)
+_NOISE_STD = 40.0
+_JPEG_QUALITY = 90
+
+
+def random_jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
+    """A JPEG of random content, uint8[height, width, 3] before encoding."""
+    grid = rng.integers(0, 256, (*_GRID, 3), np.uint8)
+    smooth = PIL.Image.fromarray(grid).resize((width, height), PIL.Image.Resampling.BICUBIC)
+    noisy = np.asarray(smooth, np.float64) + rng.normal(0, _NOISE_STD, (height, width, 3))
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(
+        buffer, format="jpeg", quality=_JPEG_QUALITY
+    )
+    return buffer.getvalue()
+
+
+def build_jpeg_imagenet(
+    data_dir: str | os.PathLike, num_train: int, num_validation: int, size: tuple[int, int]
+) -> None:
+    """Writes a prepared tfds ``imagenet2012`` (array_record, JPEG images) to ``data_dir``.
+
+    Sizes vary by up to 10% around ``size`` = (height, width), as ImageNet's do.
+    """
+    import tensorflow_datasets as tfds
+
+    class JpegImagenet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        name = "imagenet2012"
+        VERSION = tfds.core.Version("5.1.0")
+
+        def _info(self):
+            features = {
+                "image": tfds.features.Image(encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(num_classes=1000),
+                "file_name": tfds.features.Text(),
+            }
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict(features)
+            )
+
+        def _split_generators(self, dl_manager):
+            return {
+                "train": self._generate_examples(0, num_train),
+                "validation": self._generate_examples(1, num_validation),
+            }
+
+        def _generate_examples(self, seed, count):
+            rng = np.random.default_rng(seed)
+            for i in range(count):
+                height, width = (np.array(size) * rng.uniform(0.9, 1.1, 2)).astype(int)
+                image = random_jpeg(rng, height, width)
+                yield i, {"file_name": f"{i}.JPEG", "image": image, "label": int(i % 1000)}
+
+    JpegImagenet(data_dir=os.fspath(data_dir), file_format="array_record").download_and_prepare()
+
+
+def _rate(batches: Iterator, warmup: int, timed: int, batch_size: int) -> tuple[float, float]:
+    """(steady images per second over ``timed`` batches, seconds until ``warmup`` batches)."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        next(batches)
+    ready = time.perf_counter()
+    for _ in range(timed):
+        next(batches)
+    return timed * batch_size / (time.perf_counter() - ready), ready - start
+
+
+def baseline_loop(dataset: data.Dataset, batch_size: int, seed: int) -> Iterator:
+    """Today's loop without grain: `train_batch` for step 0, 1, ... in this thread."""
+    step = 0
+    while True:
+        yield data.train_batch(dataset, step, global_batch_size=batch_size, seed=seed)
+        step += 1
+
+
+def measure(
+    make: Callable[[], Iterator], warmup: int, timed: int, batch_size: int
+) -> tuple[float, float]:
+    batches = make()
+    try:
+        return _rate(batches, warmup, timed, batch_size)
+    finally:
+        getattr(batches, "close", lambda: None)()
+
+
+def _environment() -> dict:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "load_average_1m_before": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "pillow": PIL.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a few small batches (the tests)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", type=Path, help="also write the full record here")
+    parser.add_argument("--batches", type=int, help="timed batches per setting (default 10)")
+    args = parser.parse_args(argv)
+
+    cores = len(os.sched_getaffinity(0))
+    if args.tiny:
+        batch_size, num_train, size, timed = 8, 24, (120, 100), args.batches or 2
+    else:
+        batch_size, num_train, size, timed = 128, 384, (350, 400), args.batches or 10
+    worker_counts = sorted({0, 1, 2, cores})
+    seed = 0
+    environment = _environment()
+    results: dict = {"workers": {}, "startup_s": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as data_dir:
+        built = time.perf_counter()
+        build_jpeg_imagenet(data_dir, num_train, 8, size)
+        build_s = time.perf_counter() - built
+        dataset = data.load_dataset("imagenet2012", data_dir=data_dir)
+        rate, _ = measure(lambda: baseline_loop(dataset, batch_size, seed), 1, timed, batch_size)
+        results["baseline_loop"] = rate
+        for workers in worker_counts:
+            rate, startup_s = measure(
+                lambda w=workers: data.train_batches(
+                    dataset, global_batch_size=batch_size, seed=seed, num_workers=w
+                ),
+                max(1, 2 * workers),
+                timed,
+                batch_size,
+            )
+            results["workers"][str(workers)] = rate
+            results["startup_s"][str(workers)] = startup_s
+        on_disk = sum(p.stat().st_size for p in Path(data_dir).rglob("*train.array_record*"))
+    record = {
+        **results,
+        "speedup_2_workers_vs_loop": results["workers"]["2"] / results["baseline_loop"],
+        "settings": {
+            "batch_size": batch_size,
+            "num_train_images": num_train,
+            "image_size_hw": list(size),
+            "mean_train_record_kb": on_disk / num_train / 1024,
+            "timed_batches": timed,
+            "build_s": build_s,
+            "augmentation": "JPEG decode, Inception crop to 224, flip, normalize to f32",
+        },
+        "environment": {**environment, "load_average_1m_after": os.getloadavg()[0]},
+    }
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+    if args.json:
+        print(json.dumps({"workers": results["workers"], "baseline_loop": results["baseline_loop"]}))
+    else:
+        print(f"baseline loop: {results['baseline_loop']:.1f} img/s")
+        for workers, rate in results["workers"].items():
+            print(f"{workers} workers: {rate:.1f} img/s (start-up {results['startup_s'][workers]:.1f} s)")
+    return record
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
