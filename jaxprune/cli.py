@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", required=True, help="e.g. lenet5, resnet56, vgg16")
     train.add_argument("--data", default="fashion_mnist", help="dataset (fashion_mnist)")
     train.add_argument("--data-dir", help="IDX files or a prepared tfds data directory")
+    train.add_argument(
+        "--data-workers",
+        type=int,
+        help="processes decoding batches (default: min(cores, 8) for JPEG data, 0 in memory)",
+    )
     _length(train, required=True)
     train.add_argument("--batch-size", type=_positive_int, default=128, help="global batch (128)")
     train.add_argument("--seed", type=int, default=0)
@@ -237,6 +242,7 @@ def _train(args: argparse.Namespace) -> None:
             checkpoint_every=args.checkpoint_every,
             keep_checkpoints=args.keep_checkpoints,
             collect_gfi=args.collect_gfi,
+            data_workers=args.data_workers,
         )
     except ValueError as e:
         raise pipeline.UserError(str(e)) from None

@@ -32,6 +32,13 @@ def load_dataset(config: TrainConfig) -> data.Dataset:
         raise UserError(str(e)) from None
 
 
+def data_workers(config: TrainConfig, dataset: data.Dataset) -> int:
+    """Worker processes of the data pipeline: ``config.data_workers`` or the dataset's default."""
+    if config.data_workers is None:
+        return data.default_num_workers(dataset)
+    return config.data_workers
+
+
 def run_length(config: TrainConfig, dataset: data.Dataset) -> tuple[int, int]:
     """(steps of the whole run, steps per epoch); refuses a batch larger than the data."""
     num_train = dataset.num_examples[data.Split.TRAIN]
@@ -89,6 +96,7 @@ def evaluator(arch: Architecture, dataset: data.Dataset, mesh, config: TrainConf
             global_batch_size=config.batch_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            num_workers=data_workers(config, dataset),
         )
         totals = []
         for images, labels, mask in loop.prefetch(batches):
@@ -111,6 +119,7 @@ def global_batches(dataset, mesh, config: TrainConfig, start_step: int) -> Itera
         start_step=start_step,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        num_workers=data_workers(config, dataset),
     )
     for images, labels in loop.prefetch(local):
         yield parallel.global_batch(mesh, images, labels)

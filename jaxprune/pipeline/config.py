@@ -46,7 +46,7 @@ class Budget:
 
 
 # Fields that only change how a run is operated, not what it computes; may differ on resume.
-_OPERATIONAL = ("data_dir", "checkpoint_every", "log_every", "keep_checkpoints")
+_OPERATIONAL = ("data_dir", "checkpoint_every", "log_every", "keep_checkpoints", "data_workers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,8 @@ class TrainConfig:
       collect_gfi: accumulate GFI-AP's filter importance (mean |dL/dgate| over the training
         steps) in the train state, from the step's own backward pass; `prune` with method
         ``gfi`` then uses it.
+      data_workers: processes decoding and augmenting batches (0: the training process);
+        None: `jaxprune.data.default_num_workers`. The batches are the same for any value.
     """
 
     model: str
@@ -88,6 +90,7 @@ class TrainConfig:
     log_every: int = 50
     keep_checkpoints: int = 3
     collect_gfi: bool = False
+    data_workers: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "compute_dtype", ComputeDtype(self.compute_dtype))
@@ -102,6 +105,8 @@ class TrainConfig:
             raise UserError(f"--checkpoint-every must be positive, got {self.checkpoint_every}")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if self.data_workers is not None and self.data_workers < 0:
+            raise UserError(f"--data-workers must be 0 or more, got {self.data_workers}")
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
