@@ -168,10 +168,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 RESUME = pipeline.TrainConfig(
     model="lenet5",
     data="synthetic",
-    synthetic=data.SyntheticOptions((16, 16, 1), 10, num_train=48, num_test=20),
-    num_steps=8,  # 3 steps per epoch: evaluations at 3 and 6, saves every 2 steps.
+    synthetic=data.SyntheticOptions((16, 16, 1), 10, num_train=100, num_test=20),
+    num_steps=7,  # 6 steps per epoch: the resumed half crosses an epoch and evaluates at 6 and 7.
     batch_size=16,
-    checkpoint_every=2,
+    checkpoint_every=3,
     optimizer=train.OptimizerConfig(learning_rate=0.02),
 )
 
@@ -187,7 +187,7 @@ def _final_state(workdir: Path):
 def test_a_run_split_in_two_with_workers_equals_an_uninterrupted_one(tmp_path):
     whole = pipeline.train(RESUME, tmp_path / "whole", progress=False, verbose=False)
     with_workers = dataclasses.replace(RESUME, data_workers=2)
-    pipeline.train(with_workers, tmp_path / "split", stop_at=4, progress=False, verbose=False)
+    pipeline.train(with_workers, tmp_path / "split", stop_at=3, progress=False, verbose=False)
     second = pipeline.train(with_workers, tmp_path / "split", progress=False, verbose=False)
     assert whole == second
     rows = [train.MetricsLog(tmp_path / n / "metrics.jsonl").read() for n in ("whole", "split")]

@@ -245,7 +245,8 @@ def _run(transform: grain.transforms.Map, first: int, stop: int, num_workers: in
         steps = steps.mp_prefetch(options)
     iterator = iter(steps)
     try:
-        yield from iterator
+        for element in iterator:
+            yield element
     finally:
         # Stops the worker processes now rather than at garbage collection.
         getattr(iterator, "close", lambda: None)()

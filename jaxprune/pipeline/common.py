@@ -112,11 +112,14 @@ def evaluator(arch: Architecture, dataset: data.Dataset, mesh, config: TrainConf
 
 
 def global_batches(dataset, mesh, config: TrainConfig, start_step: int) -> Iterator:
+    # Ends with the run, so that data workers finish rather than being stopped mid-batch.
+    total_steps, _ = run_length(config, dataset)
     local = data.train_batches(
         dataset,
         global_batch_size=config.batch_size,
         seed=config.seed,
         start_step=start_step,
+        num_steps=total_steps - start_step,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         num_workers=data_workers(config, dataset),
