@@ -4,7 +4,8 @@ Builds a JPEG-encoded ``imagenet2012`` tfds dataset (array_record) in a temporar
 times `jaxprune.data.train_batches` (JPEG decode, Inception crop to 224, flip, normalize, batch of
 128) with 0, 1, 2 and all-core grain workers, beside today's in-process loop (`train_batch` called
 step after step, no grain). Rates are steady-state: the workers' start-up (spawning, imports)
-is excluded and reported apart.
+is excluded and reported apart. Beside wall-clock images per second, it reports the CPU time per
+image of the process and its workers, which other jobs on the machine do not change.
 
     python experiments/bench_data.py [--json] [--tiny] [--out FILE]
 """
@@ -15,6 +16,7 @@ import argparse
 import datetime
 import io
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -86,15 +88,40 @@ def build_jpeg_imagenet(
     JpegImagenet(data_dir=os.fspath(data_dir), file_format="array_record").download_and_prepare()
 
 
-def _rate(batches: Iterator, warmup: int, timed: int, batch_size: int) -> tuple[float, float]:
-    """(steady images per second over ``timed`` batches, seconds until ``warmup`` batches)."""
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process, from /proc (0 if it has ended)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s() -> float:
+    """CPU seconds used so far by this process (all threads) and its live worker processes."""
+    children = multiprocessing.active_children()
+    return time.process_time() + sum(_process_cpu_s(child.pid) for child in children)
+
+
+def _rate(batches: Iterator, warmup: int, timed: int, batch_size: int) -> dict[str, float]:
+    """Steady-state speed over ``timed`` batches, after ``warmup`` batches (workers' start-up).
+
+    Returns:
+      img_per_s (wall clock), cpu_ms_per_img (this process and its workers), startup_s.
+    """
     start = time.perf_counter()
     for _ in range(warmup):
         next(batches)
-    ready = time.perf_counter()
+    ready, cpu_ready = time.perf_counter(), _cpu_s()
     for _ in range(timed):
         next(batches)
-    return timed * batch_size / (time.perf_counter() - ready), ready - start
+    wall_s, cpu_s = time.perf_counter() - ready, _cpu_s() - cpu_ready
+    images = timed * batch_size
+    return {
+        "img_per_s": images / wall_s,
+        "cpu_ms_per_img": 1e3 * cpu_s / images,
+        "startup_s": ready - start,
+    }
 
 
 def baseline_loop(dataset: data.Dataset, batch_size: int, seed: int) -> Iterator:
@@ -105,9 +132,7 @@ def baseline_loop(dataset: data.Dataset, batch_size: int, seed: int) -> Iterator
         step += 1
 
 
-def measure(
-    make: Callable[[], Iterator], warmup: int, timed: int, batch_size: int
-) -> tuple[float, float]:
+def measure(make: Callable[[], Iterator], warmup: int, timed: int, batch_size: int) -> dict:
     batches = make()
     try:
         return _rate(batches, warmup, timed, batch_size)
@@ -150,16 +175,18 @@ def main(argv: list[str] | None = None) -> dict:
     worker_counts = sorted({0, 1, 2, cores})
     seed = 0
     environment = _environment()
-    results: dict = {"workers": {}, "startup_s": {}}
+    details: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench_data_") as data_dir:
         built = time.perf_counter()
         build_jpeg_imagenet(data_dir, num_train, 8, size)
         build_s = time.perf_counter() - built
         dataset = data.load_dataset("imagenet2012", data_dir=data_dir)
-        rate, _ = measure(lambda: baseline_loop(dataset, batch_size, seed), 1, timed, batch_size)
-        results["baseline_loop"] = rate
+        on_disk = sum(p.stat().st_size for p in Path(data_dir).rglob("*train.array_record*"))
+        details["baseline_loop"] = measure(
+            lambda: baseline_loop(dataset, batch_size, seed), 1, timed, batch_size
+        )
         for workers in worker_counts:
-            rate, startup_s = measure(
+            details[f"workers_{workers}"] = measure(
                 lambda w=workers: data.train_batches(
                     dataset, global_batch_size=batch_size, seed=seed, num_workers=w
                 ),
@@ -167,12 +194,14 @@ def main(argv: list[str] | None = None) -> dict:
                 timed,
                 batch_size,
             )
-            results["workers"][str(workers)] = rate
-            results["startup_s"][str(workers)] = startup_s
-        on_disk = sum(p.stat().st_size for p in Path(data_dir).rglob("*train.array_record*"))
+    summary = {
+        "workers": {str(w): details[f"workers_{w}"]["img_per_s"] for w in worker_counts},
+        "baseline_loop": details["baseline_loop"]["img_per_s"],
+    }
     record = {
-        **results,
-        "speedup_2_workers_vs_loop": results["workers"]["2"] / results["baseline_loop"],
+        **summary,
+        "speedup_2_workers_vs_loop": summary["workers"]["2"] / summary["baseline_loop"],
+        "details": details,
         "settings": {
             "batch_size": batch_size,
             "num_train_images": num_train,
@@ -188,11 +217,13 @@ def main(argv: list[str] | None = None) -> dict:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2) + "\n")
     if args.json:
-        print(json.dumps({"workers": results["workers"], "baseline_loop": results["baseline_loop"]}))
+        print(json.dumps(summary))
     else:
-        print(f"baseline loop: {results['baseline_loop']:.1f} img/s")
-        for workers, rate in results["workers"].items():
-            print(f"{workers} workers: {rate:.1f} img/s (start-up {results['startup_s'][workers]:.1f} s)")
+        for name, row in details.items():
+            print(
+                f"{name:>14}: {row['img_per_s']:7.1f} img/s  {row['cpu_ms_per_img']:5.2f} CPU ms/img"
+                f"  start-up {row['startup_s']:4.1f} s"
+            )
     return record
 
 
