@@ -4,10 +4,11 @@ Builds a JPEG-encoded ``imagenet2012`` tfds dataset (array_record) in a temporar
 times `jaxprune.data.train_batches` (JPEG decode, Inception crop to 224, flip, normalize, batch of
 128) with 0, 1, 2 and all-core grain workers, beside today's in-process loop (`train_batch` called
 step after step, no grain). Rates are steady-state: the workers' start-up (spawning, imports)
-is excluded and reported apart. Beside wall-clock images per second, it reports the CPU time per
+is excluded and reported apart; each setting runs in 2 rounds of 6 batches, in alternating
+order, and its median round is reported. Beside wall-clock images per second, it reports the CPU time per
 image of the process and its workers, which other jobs on the machine do not change.
 
-    python experiments/bench_data.py [--json] [--tiny] [--out FILE]
+    python experiments/bench_data.py [--json] [--tiny] [--out FILE] [--batches N] [--rounds R]
 """
 
 from __future__ import annotations
@@ -164,36 +165,46 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="a few small batches (the tests)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--out", type=Path, help="also write the full record here")
-    parser.add_argument("--batches", type=int, help="timed batches per setting (default 10)")
+    parser.add_argument("--batches", type=int, help="timed batches per setting and round (6)")
+    parser.add_argument("--rounds", type=int, help="rounds over all settings (default 2)")
     args = parser.parse_args(argv)
 
     cores = len(os.sched_getaffinity(0))
     if args.tiny:
         batch_size, num_train, size, timed = 8, 24, (120, 100), args.batches or 2
     else:
-        batch_size, num_train, size, timed = 128, 384, (350, 400), args.batches or 10
+        batch_size, num_train, size, timed = 128, 384, (350, 400), args.batches or 6
+    num_rounds = args.rounds or (1 if args.tiny else 2)
     worker_counts = sorted({0, 1, 2, cores})
     seed = 0
     environment = _environment()
-    details: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench_data_") as data_dir:
         built = time.perf_counter()
         build_jpeg_imagenet(data_dir, num_train, 8, size)
         build_s = time.perf_counter() - built
         dataset = data.load_dataset("imagenet2012", data_dir=data_dir)
         on_disk = sum(p.stat().st_size for p in Path(data_dir).rglob("*train.array_record*"))
-        details["baseline_loop"] = measure(
-            lambda: baseline_loop(dataset, batch_size, seed), 1, timed, batch_size
-        )
+        settings: dict[str, Callable[[], Iterator]] = {
+            "baseline_loop": lambda: baseline_loop(dataset, batch_size, seed)
+        }
         for workers in worker_counts:
-            details[f"workers_{workers}"] = measure(
-                lambda w=workers: data.train_batches(
-                    dataset, global_batch_size=batch_size, seed=seed, num_workers=w
-                ),
-                max(1, 2 * workers),
-                timed,
-                batch_size,
+            settings[f"workers_{workers}"] = lambda w=workers: data.train_batches(
+                dataset, global_batch_size=batch_size, seed=seed, num_workers=w
             )
+        warmups = {"baseline_loop": 1} | {f"workers_{w}": max(1, 2 * w) for w in worker_counts}
+        # Rounds in alternating order, so that a change in the machine's load over the run
+        # (other jobs) weighs on every setting alike; each setting's rate is its median round.
+        rounds: dict[str, list[dict]] = {name: [] for name in settings}
+        for round_index in range(num_rounds):
+            names = list(settings) if round_index % 2 == 0 else list(settings)[::-1]
+            for name in names:
+                rounds[name].append(measure(settings[name], warmups[name], timed, batch_size))
+    details = {
+        name: {
+            key: float(np.median([r[key] for r in runs])) for key in runs[0]
+        } | {"rounds": runs}
+        for name, runs in rounds.items()
+    }
     summary = {
         "workers": {str(w): details[f"workers_{w}"]["img_per_s"] for w in worker_counts},
         "baseline_loop": details["baseline_loop"]["img_per_s"],
@@ -208,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
             "image_size_hw": list(size),
             "mean_train_record_kb": on_disk / num_train / 1024,
             "timed_batches": timed,
+            "rounds": num_rounds,
             "build_s": build_s,
             "augmentation": "JPEG decode, Inception crop to 224, flip, normalize to f32",
         },
