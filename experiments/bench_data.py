@@ -5,8 +5,8 @@ times `jaxprune.data.train_batches` (JPEG decode, Inception crop to 224, flip, n
 128) with 0, 1, 2 and all-core grain workers, beside today's in-process loop (`train_batch` called
 step after step, no grain). Rates are steady-state: the workers' start-up (spawning, imports)
 is excluded and reported apart; each setting runs in 2 rounds of 6 batches, in alternating
-order, and its median round is reported. Beside wall-clock images per second, it reports the CPU time per
-image of the process and its workers, which other jobs on the machine do not change.
+order, and its median round is reported. Beside wall-clock images per second, it reports the
+CPU time per image of the process and its workers, which other jobs on the machine change less.
 
     python experiments/bench_data.py [--json] [--tiny] [--out FILE] [--batches N] [--rounds R]
 """
@@ -200,9 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
             for name in names:
                 rounds[name].append(measure(settings[name], warmups[name], timed, batch_size))
     details = {
-        name: {
-            key: float(np.median([r[key] for r in runs])) for key in runs[0]
-        } | {"rounds": runs}
+        name: {key: float(np.median([r[key] for r in runs])) for key in runs[0]} | {"rounds": runs}
         for name, runs in rounds.items()
     }
     summary = {
@@ -233,8 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         for name, row in details.items():
             print(
-                f"{name:>14}: {row['img_per_s']:7.1f} img/s  {row['cpu_ms_per_img']:5.2f} CPU ms/img"
-                f"  start-up {row['startup_s']:4.1f} s"
+                f"{name:>14}: {row['img_per_s']:7.1f} img/s  "
+                f"{row['cpu_ms_per_img']:5.2f} CPU ms/img  start-up {row['startup_s']:4.1f} s"
             )
     return record
 

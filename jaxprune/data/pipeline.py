@@ -213,7 +213,9 @@ def default_num_workers(dataset: Dataset) -> int:
 
 def _check_num_workers(num_workers: int) -> None:
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"The number of data workers must be an integer >= 0, got {num_workers!r}.")
+        raise ValueError(
+            f"The number of data workers must be an integer >= 0, got {num_workers!r}."
+        )
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -245,7 +247,8 @@ def _run(transform: grain.transforms.Map, first: int, stop: int, num_workers: in
         steps = steps.mp_prefetch(options)
     iterator = iter(steps)
     try:
-        for element in iterator:
+        # Not `yield from`: it would close `iterator` too, and a second close races grain's.
+        for element in iterator:  # noqa: UP028
             yield element
     finally:
         # Stops the worker processes now rather than at garbage collection.
@@ -291,9 +294,7 @@ def train_batches(
     """
     _local_rows(global_batch_size, process_index, process_count)
     _check_num_workers(num_workers)
-    transform = TrainBatch(
-        dataset, global_batch_size, seed, augment, process_index, process_count
-    )
+    transform = TrainBatch(dataset, global_batch_size, seed, augment, process_index, process_count)
     # "Endless": more steps than any run takes (grain needs a length).
     stop = start_step + num_steps if num_steps is not None else 2**62
     return _run(transform, start_step, stop, num_workers)
