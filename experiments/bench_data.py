@@ -108,7 +108,8 @@ def _rate(batches: Iterator, warmup: int, timed: int, batch_size: int) -> dict[s
     """Steady-state speed over ``timed`` batches, after ``warmup`` batches (workers' start-up).
 
     Returns:
-      img_per_s (wall clock), cpu_ms_per_img (this process and its workers), startup_s.
+      img_per_s (wall clock), cpu_ms_per_img and cores_used (this process and its workers),
+      startup_s.
     """
     start = time.perf_counter()
     for _ in range(warmup):
@@ -121,6 +122,8 @@ def _rate(batches: Iterator, warmup: int, timed: int, batch_size: int) -> dict[s
     return {
         "img_per_s": images / wall_s,
         "cpu_ms_per_img": 1e3 * cpu_s / images,
+        # Cores the setting got: at most 1 for the loop; with workers, what the machine spared.
+        "cores_used": cpu_s / wall_s,
         "startup_s": ready - start,
     }
 
@@ -232,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name, row in details.items():
             print(
                 f"{name:>14}: {row['img_per_s']:7.1f} img/s  "
-                f"{row['cpu_ms_per_img']:5.2f} CPU ms/img  start-up {row['startup_s']:4.1f} s"
+                f"{row['cpu_ms_per_img']:5.2f} CPU ms/img  {row['cores_used']:4.2f} cores  "
+                f"start-up {row['startup_s']:4.1f} s"
             )
     return record
 

@@ -247,7 +247,7 @@ def _run(transform: grain.transforms.Map, first: int, stop: int, num_workers: in
         steps = steps.mp_prefetch(options)
     iterator = iter(steps)
     try:
-        # Not `yield from`: it would close `iterator` too, and a second close races grain's.
+        # Not `yield from`, which would close `iterator` once more before `finally` does.
         for element in iterator:  # noqa: UP028
             yield element
     finally:
