@@ -3,7 +3,8 @@
 Builds a JPEG-encoded ``imagenet2012`` tfds dataset (array_record) in a temporary directory, then
 times `jaxprune.data.train_batches` (JPEG decode, Inception crop to 224, flip, normalize, batch of
 128) with 0, 1, 2 and all-core grain workers, beside today's in-process loop (`train_batch` called
-step after step, no grain). Rates are steady-state: the workers' start-up (spawning, imports)
+step after step, no grain) and, for comparison, 2 threads of one process (`threads_2`, not an
+option of `train_batches`). Rates are steady-state: the workers' start-up (spawning, imports)
 is excluded and reported apart; each setting runs in 2 rounds of 6 batches, in alternating
 order, and its median round is reported. Beside wall-clock images per second, it reports the
 CPU time per image of the process and its workers, which other jobs on the machine change less.
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grain
 import numpy as np
 import PIL.Image
 
@@ -136,6 +138,17 @@ def baseline_loop(dataset: data.Dataset, batch_size: int, seed: int) -> Iterator
         step += 1
 
 
+def grain_threads(dataset: data.Dataset, batch_size: int, seed: int, num_threads: int) -> Iterator:
+    """The same batches computed by ``num_threads`` threads of this process (no hand-off copy).
+
+    Not an option of `train_batches`; measured to see what threads give where PIL and numpy
+    release the GIL.
+    """
+    steps = grain.MapDataset.range(0, 2**62).map(data.TrainBatch(dataset, batch_size, seed))
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
+    return iter(steps.to_iter_dataset(options))
+
+
 def measure(make: Callable[[], Iterator], warmup: int, timed: int, batch_size: int) -> dict:
     batches = make()
     try:
@@ -212,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
             settings[f"workers_{workers}"] = lambda w=workers: data.train_batches(
                 dataset, global_batch_size=batch_size, seed=seed, num_workers=w
             )
-        warmups = {"baseline_loop": 1} | {f"workers_{w}": max(1, 2 * w) for w in worker_counts}
+        settings["threads_2"] = lambda: grain_threads(dataset, batch_size, seed, 2)
+        warmups = {"baseline_loop": 1, "threads_2": 2}
+        warmups |= {f"workers_{w}": max(1, 2 * w) for w in worker_counts}
         # Rounds in alternating order, so that a change in the machine's load over the run
         # (other jobs) weighs on every setting alike; each setting's rate is its median round.
         rounds: dict[str, list[dict]] = {name: [] for name in settings}
