@@ -201,8 +201,8 @@ def test_a_run_split_in_two_with_workers_equals_an_uninterrupted_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_data_tiny_json(capsys):
-    sys.argv = ["bench_data.py"]  # argparse's prog only
+def test_bench_data_tiny_json(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench_data.py"])  # argparse's prog only
     capsys.readouterr()
     _bench_script().main(["--tiny", "--json"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
