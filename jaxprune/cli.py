@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", required=True, help="e.g. lenet5, resnet56, vgg16")
     train.add_argument("--data", default="fashion_mnist", help="dataset (fashion_mnist)")
     train.add_argument("--data-dir", help="IDX files or a prepared tfds data directory")
+    train.add_argument(
+        "--data-workers",
+        type=int,
+        help="processes decoding batches (default: min(cores, 8) for JPEG data, 0 in memory)",
+    )
     _length(train, required=True)
     train.add_argument("--batch-size", type=_positive_int, default=128, help="global batch (128)")
     train.add_argument("--seed", type=int, default=0)
@@ -327,6 +332,7 @@ def _train(args: argparse.Namespace) -> None:
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
         score_during_training="gfi" if args.collect_gfi else None,
+        data_workers=args.data_workers,
     )
     result = pipeline.train(
         config,
@@ -457,7 +463,7 @@ _FLAG_OF = {
     for name in (
         "batch_size", "checkpoint_every", "label_smoothing", "restore_step", "keep_checkpoints",
         "macs_ratio", "params_ratio", "filters_ratio", "max_pruning_ratio", "round_to",
-        "num_batches", "round_steps", "recalibrate_batches", "data_dir",
+        "num_batches", "round_steps", "recalibrate_batches", "data_dir", "data_workers",
     )
 } | {"num_steps": "--steps", "num_epochs": "--epochs"}  # fmt: skip
 _PYTHON_NAMES = re.compile(r"\b(" + "|".join(_FLAG_OF) + r")\b")

@@ -5,7 +5,7 @@ CIFAR-10/100, ImageNet 2012 or a synthetic set from local files (IDX files or
 tfds `array_record` datasets; nothing is downloaded). `train_batches` and
 `eval_batches` turn it into normalized f32 batches that are deterministic in
 (seed, step), resumable at any step, and sliced per process for multi-host
-data parallelism.
+data parallelism; they run as grain pipelines, optionally in worker processes.
 """
 
 from jaxprune.data.augment import Augmentation, InceptionCropFlip, PadCropFlip
@@ -24,6 +24,10 @@ from jaxprune.data.datasets import (
 )
 from jaxprune.data.idx import read_idx
 from jaxprune.data.pipeline import (
+    EvalBatch,
+    TrainBatch,
+    default_num_workers,
+    eval_batch,
     eval_batches,
     num_eval_batches,
     steps_per_epoch,
@@ -37,12 +41,16 @@ __all__ = [
     "Augmentation",
     "Dataset",
     "DatasetName",
+    "EvalBatch",
     "Examples",
     "InceptionCropFlip",
     "PadCropFlip",
     "SourceExamples",
     "Split",
     "SyntheticOptions",
+    "TrainBatch",
+    "default_num_workers",
+    "eval_batch",
     "eval_batches",
     "load_dataset",
     "num_eval_batches",

@@ -1,4 +1,4 @@
-"""Batches for training and evaluation, as numpy arrays, multi-host aware.
+"""Batches for training and evaluation, as numpy arrays, multi-host aware, on grain.
 
 A training batch is a pure function of (dataset, seed, step): the step fixes the
 epoch and the position in that epoch's permutation, and each example's
@@ -6,13 +6,24 @@ augmentation is keyed by (seed, epoch, example index). Resuming at any step
 therefore reproduces the batches exactly, and the global batch is the same for
 any number of processes; process `p` of `P` yields rows
 `[p * B / P, (p + 1) * B / P)` of each global batch of size `B`.
+
+`train_batches` and `eval_batches` run that function as a grain pipeline: a
+`grain.MapDataset` indexed by step (random access, no iterator state to save)
+mapped through the `TrainBatch` / `EvalBatch` transformations, and with
+`num_workers > 0` computed ahead in that many worker processes (grain's
+`mp_prefetch`, which hands batches back through shared memory in step order).
+The batches are the same for any number of workers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import gc
+import os
 from collections.abc import Iterator
 
+import grain
 import numpy as np
 
 from jaxprune.data.augment import (
@@ -23,7 +34,12 @@ from jaxprune.data.augment import (
     pad_crop_flip,
     resize_center_crop,
 )
-from jaxprune.data.datasets import Dataset, Split
+from jaxprune.data.datasets import ArrayExamples, Dataset, Split
+
+# Batches each worker process computes ahead of the one being consumed.
+_WORKER_BUFFER = 2
+# Upper bound of the default worker count: more rarely helps a single host's decoding.
+_MAX_DEFAULT_WORKERS = 8
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
@@ -112,6 +128,138 @@ def train_batch(
     return _images(dataset, Split.TRAIN, indices, keys)
 
 
+def eval_batch(
+    dataset: Dataset,
+    batch: int,
+    *,
+    global_batch_size: int,
+    split: Split = Split.TEST,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This process's part of evaluation batch number `batch` of a split, in order.
+
+    Rows past the end of the split are zero images with label 0 and mask False.
+
+    Returns:
+      images f32[b, H, W, C] normalized (eval transform, no augmentation),
+      labels int32[b], mask bool[b], with b = global_batch_size / process_count.
+    """
+    rows = _local_rows(global_batch_size, process_index, process_count)
+    num_examples = len(dataset.splits[split])
+    positions = np.arange(rows.start, rows.stop) + batch * global_batch_size
+    mask = positions < num_examples
+    images = np.zeros((len(positions), *dataset.input_shape), np.float32)
+    labels = np.zeros(len(positions), np.int32)
+    if mask.any():
+        images[mask], labels[mask] = _images(dataset, split, positions[mask], keys=None)
+    return images, labels, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainBatch(grain.transforms.Map):
+    """Grain transformation: global step -> this process's training batch (`train_batch`)."""
+
+    dataset: Dataset
+    global_batch_size: int
+    seed: int
+    augment: bool = True
+    process_index: int = 0
+    process_count: int = 1
+
+    def map(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        return train_batch(
+            self.dataset,
+            step,
+            global_batch_size=self.global_batch_size,
+            seed=self.seed,
+            augment=self.augment,
+            process_index=self.process_index,
+            process_count=self.process_count,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalBatch(grain.transforms.Map):
+    """Grain transformation: batch number -> this process's evaluation batch (`eval_batch`)."""
+
+    dataset: Dataset
+    global_batch_size: int
+    split: Split = Split.TEST
+    process_index: int = 0
+    process_count: int = 1
+
+    def map(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return eval_batch(
+            self.dataset,
+            batch,
+            global_batch_size=self.global_batch_size,
+            split=self.split,
+            process_index=self.process_index,
+            process_count=self.process_count,
+        )
+
+
+def default_num_workers(dataset: Dataset) -> int:
+    """Worker processes worth starting for a dataset on this machine.
+
+    0 when every split is held in memory (a batch is a few vectorised numpy
+    operations; a worker would cost more to start than it saves), else
+    min(usable CPU cores, 8) for splits decoded per read (JPEG).
+    """
+    if all(isinstance(examples, ArrayExamples) for examples in dataset.splits.values()):
+        return 0
+    return min(len(os.sched_getaffinity(0)), _MAX_DEFAULT_WORKERS)
+
+
+def _check_num_workers(num_workers: int) -> None:
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(
+            f"The number of data workers must be an integer >= 0, got {num_workers!r}."
+        )
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """Lets grain read its absl flags in a program that never parsed any (then: defaults).
+
+    grain 0.2.18 reads `--grain_enable_multiprocess_worker_profiling` when it
+    starts workers, and absl refuses reads before parsing; absl programs
+    (`app.run`) have parsed already and are left as they are.
+    """
+    from absl import flags  # A grain dependency.
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _run(transform: grain.transforms.Map, first: int, stop: int, num_workers: int) -> Iterator:
+    """transform(i) for i in [first, stop), in order, computed by `num_workers` processes.
+
+    With 0 workers everything runs in this thread, one element at a time. Worker
+    `w` of `n` computes the elements `first + w`, `first + w + n`, ...; grain
+    interleaves them back into order.
+    """
+    dataset = grain.MapDataset.range(first, stop).map(transform)
+    # No reading threads: a whole batch is one element, and workers give the parallelism.
+    steps = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if num_workers:
+        _ensure_absl_flags_parsed()
+        options = grain.MultiprocessingOptions(num_workers, per_worker_buffer_size=_WORKER_BUFFER)
+        steps = steps.mp_prefetch(options)
+    iterator = iter(steps)
+    try:
+        # Not `yield from`, which would close `iterator` once more before `finally` does.
+        for element in iterator:  # noqa: UP028
+            yield element
+    finally:
+        # Stops the worker processes now rather than at garbage collection.
+        getattr(iterator, "close", lambda: None)()
+        if num_workers:
+            # grain leaves its last batches in reference cycles; freeing them now unlinks their
+            # shared memory (else Python warns of "leaked shared_memory objects" at exit).
+            gc.collect()
+
+
 def train_batches(
     dataset: Dataset,
     *,
@@ -122,12 +270,14 @@ def train_batches(
     augment: bool = True,
     process_index: int = 0,
     process_count: int = 1,
+    num_workers: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Training batches from `start_step` on, over as many epochs as needed.
 
     Each epoch visits the train split in a fresh order and drops its last
     partial batch. Starting at step k yields exactly what skipping k batches
-    would, without reading the skipped examples.
+    would, without reading the skipped examples; any `num_workers` yields the
+    same batches.
 
     Args:
       dataset: The dataset; reads its train split.
@@ -138,24 +288,21 @@ def train_batches(
       augment: Apply the dataset's training augmentation.
       process_index: This process, in [0, process_count).
       process_count: Number of processes sharing each global batch.
+      num_workers: Worker processes computing batches ahead (0: this thread).
 
     Yields:
       images f32[global_batch_size / process_count, H, W, C] normalized,
       labels int32[global_batch_size / process_count].
+
+    Raises:
+      ValueError: For a bad worker count or process split (before any batch).
     """
-    _local_rows(global_batch_size, process_index, process_count)  # Fail before the first batch.
-    step = start_step
-    while num_steps is None or step < start_step + num_steps:
-        yield train_batch(
-            dataset,
-            step,
-            global_batch_size=global_batch_size,
-            seed=seed,
-            augment=augment,
-            process_index=process_index,
-            process_count=process_count,
-        )
-        step += 1
+    _local_rows(global_batch_size, process_index, process_count)
+    _check_num_workers(num_workers)
+    transform = TrainBatch(dataset, global_batch_size, seed, augment, process_index, process_count)
+    # "Endless": more steps than any run takes (grain needs a length).
+    stop = start_step + num_steps if num_steps is not None else 2**62
+    return _run(transform, start_step, stop, num_workers)
 
 
 def eval_batches(
@@ -165,6 +312,7 @@ def eval_batches(
     split: Split = Split.TEST,
     process_index: int = 0,
     process_count: int = 1,
+    num_workers: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The whole split in order, in batches of fixed size with a validity mask.
 
@@ -178,18 +326,17 @@ def eval_batches(
       split: Which split.
       process_index: This process, in [0, process_count).
       process_count: Number of processes sharing each global batch.
+      num_workers: Worker processes computing batches ahead (0: this thread).
 
     Yields:
       images f32[b, H, W, C] normalized (eval transform, no augmentation),
       labels int32[b], mask bool[b], with b = global_batch_size / process_count.
+
+    Raises:
+      ValueError: For a bad worker count or process split (before any batch).
     """
-    rows = _local_rows(global_batch_size, process_index, process_count)
-    num_examples = len(dataset.splits[split])
-    for batch in range(num_eval_batches(num_examples, global_batch_size)):
-        positions = np.arange(rows.start, rows.stop) + batch * global_batch_size
-        mask = positions < num_examples
-        images = np.zeros((len(positions), *dataset.input_shape), np.float32)
-        labels = np.zeros(len(positions), np.int32)
-        if mask.any():
-            images[mask], labels[mask] = _images(dataset, split, positions[mask], keys=None)
-        yield images, labels, mask
+    _local_rows(global_batch_size, process_index, process_count)
+    _check_num_workers(num_workers)
+    transform = EvalBatch(dataset, global_batch_size, split, process_index, process_count)
+    num_batches = num_eval_batches(len(dataset.splits[split]), global_batch_size)
+    return _run(transform, 0, num_batches, num_workers)

@@ -80,6 +80,13 @@ def check_input_shape(arch: Architecture) -> None:
         ) from None
 
 
+def data_workers(config: TrainConfig, dataset: data.Dataset) -> int:
+    """Worker processes of the data pipeline: ``config.data_workers`` or the dataset's default."""
+    if config.data_workers is None:
+        return data.default_num_workers(dataset)
+    return config.data_workers
+
+
 def run_length(config: TrainConfig, dataset: data.Dataset) -> tuple[int, int]:
     """(steps of the whole run, steps per epoch); refuses a batch larger than the data."""
     num_train = dataset.num_examples[data.Split.TRAIN]
@@ -132,6 +139,7 @@ def evaluator(arch: Architecture, dataset: data.Dataset, mesh, config: TrainConf
             global_batch_size=config.batch_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            num_workers=data_workers(config, dataset),
         )
         totals = []
         for images, labels, mask in loop.prefetch(batches):
@@ -147,13 +155,17 @@ def evaluator(arch: Architecture, dataset: data.Dataset, mesh, config: TrainConf
 
 
 def global_batches(dataset, mesh, config: TrainConfig, start_step: int) -> Iterator:
+    # Ends with the run, so that data workers finish rather than being stopped mid-batch.
+    total_steps, _ = run_length(config, dataset)
     local = data.train_batches(
         dataset,
         global_batch_size=config.batch_size,
         seed=config.seed,
         start_step=start_step,
+        num_steps=total_steps - start_step,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        num_workers=data_workers(config, dataset),
     )
     for images, labels in loop.prefetch(local):
         yield parallel.global_batch(mesh, images, labels)

@@ -33,7 +33,7 @@ BudgetKind = select.BudgetKind
 
 
 # Fields that only change how a run is operated, not what it computes; may differ on resume.
-_OPERATIONAL = ("data_dir", "checkpoint_every", "log_every", "keep_checkpoints")
+_OPERATIONAL = ("data_dir", "checkpoint_every", "log_every", "keep_checkpoints", "data_workers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,8 @@ class TrainConfig:
       score_during_training: the name of a method with an accumulator (`jaxprune.methods`;
         ``"gfi"``: GFI-AP's mean |dL/dgate| over the training steps) whose scores the train
         step collects from its own backward pass; `prune` with that method then uses them.
+      data_workers: processes decoding and augmenting batches (0: the training process);
+        None: `jaxprune.data.default_num_workers`. The batches are the same for any value.
     """
 
     model: str
@@ -75,6 +77,7 @@ class TrainConfig:
     log_every: int = 50
     keep_checkpoints: int = 3
     score_during_training: str | None = None
+    data_workers: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "compute_dtype", ComputeDtype(self.compute_dtype))
@@ -95,6 +98,8 @@ class TrainConfig:
             raise UserError(f"checkpoint_every must be positive, got {self.checkpoint_every}")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if self.data_workers is not None and self.data_workers < 0:
+            raise UserError(f"data_workers must be 0 or more, got {self.data_workers}")
 
     @property
     def accumulator(self):

@@ -96,6 +96,10 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
             items.put(done)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer.
             items.put(e)
+        finally:
+            # Stops the source's own workers (grain processes) now, from the thread that ran it,
+            # rather than at garbage collection or interpreter exit.
+            getattr(iterator, "close", lambda: None)()
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
