@@ -15,11 +15,13 @@ from jaxprune import checkpoint, importance, models, select, train
 from jaxprune.flops import count_macs, count_params, macs_per_layer, params_per_layer
 from jaxprune.graph import Layer, group_layers, groups, layers
 from jaxprune.surgery import full_keep, prune, prune_like
+from jaxprune.trace import TracedNet, trace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Layer",
+    "TracedNet",
     "allocator",
     "checkpoint",
     "count_macs",
@@ -35,5 +37,6 @@ __all__ = [
     "prune",
     "prune_like",
     "select",
+    "trace",
     "train",
 ]
