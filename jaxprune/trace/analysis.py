@@ -441,3 +441,26 @@ RULES = {
     "conv_general_dilated": _conv,
     **{name: _reduction for name in REDUCTIONS},
 }
+
+
+def inline(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    """Evaluates ``jaxpr`` with every call-like sub-program inlined (under `jax.make_jaxpr` this
+    gives a flat program: a sub-jaxpr that JAX shares between call sites, such as ``relu``'s,
+    then gets fresh variables at each site)."""
+    env = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+
+    def read(v):
+        return env[v] if is_var(v) else v.val
+
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        inner = sub_jaxpr(eqn)
+        if inner is not None:
+            sub, sub_consts = inner
+            outs = inline(sub, sub_consts, invals[len(invals) - len(sub.invars) :])
+        else:
+            outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update((v, o) for v, o in zip(eqn.outvars, outs) if is_var(v))
+    return [read(v) for v in jaxpr.outvars]

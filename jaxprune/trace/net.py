@@ -95,9 +95,8 @@ class TracedNet:
         if param_paths is None:  # linen: the 'params' collection
             param_paths = {p for p in base.paths if p and p[0] == "params"}
         self.param_leaves = frozenset(i for i, p in enumerate(base.paths) if p in param_paths)
-        out = jax.eval_shape(lambda v, x: fn(v, x), self.var_struct, self.x_struct)
-        out_leaves = jax.tree.leaves(out)
-        self.num_classes = int(out_leaves[0].shape[-1]) if out_leaves[0].shape else 1
+        out_shape = base.closed.out_avals[0].shape
+        self.num_classes = int(out_shape[-1]) if out_shape else 1
         x_leaves = jax.tree.leaves(x)
         self.input_shape = tuple(x_leaves[0].shape[1:])
 

@@ -108,6 +108,10 @@ def build(
             f"jp.trace could not trace the function with these arguments "
             f"({type(error).__name__}: {error}); it must be a pure fn(variables, x) of JAX arrays"
         ) from error
+    flat_args = jax.tree.leaves((variables, x))
+    closed = jax.make_jaxpr(lambda *args: analysis.inline(closed.jaxpr, closed.consts, args))(
+        *flat_args
+    )
     out_leaves, out_tree = jax.tree_util.tree_flatten_with_path(out_shape)
     jaxpr = closed.jaxpr
     graph = analysis.ChannelGraph()
