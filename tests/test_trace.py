@@ -150,16 +150,22 @@ def test_nnx_fine_tuning_step(nnx_case):
     x, y = _x(4), jnp.arange(2) % 10
     small = net.prune(module, _random_keep(net.groups))
     small.train()
-    graphdef, params, rest = nnx.split(small, nnx.Param, ...)
+    stats_before = [a.copy() for a in jax.tree.leaves(nnx.state(small, nnx.BatchStat))]
 
-    def loss_fn(params):
-        model = nnx.merge(graphdef, params, rest)
+    def loss_fn(model):
         return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
-    opt = optax.sgd(0.1)
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
-    new_params = optax.apply_updates(params, opt.update(grads, opt.init(params), params)[0])
-    assert float(jax.jit(loss_fn)(new_params)) < float(loss)
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    optimizer = nnx.Optimizer(small, optax.sgd(0.1), wrt=nnx.Param)
+    loss = step(small, optimizer)
+    assert float(nnx.jit(loss_fn)(small)) < float(loss)
+    for old, new in zip(stats_before, jax.tree.leaves(nnx.state(small, nnx.BatchStat))):
+        assert not np.allclose(old, new)  # BatchNorm trained
 
 
 # ------------------------------------------------------------------------------- bad input

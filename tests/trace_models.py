@@ -331,15 +331,18 @@ EXPECTED = {
 
 
 def random_variables(tree, seed=0):
-    """Every array perturbed (non-trivial BatchNorm statistics: var in [0.5, 1.5])."""
+    """Every array perturbed on the host (non-trivial BatchNorm statistics: var in [0.5, 1.5])."""
+    import numpy as np
+
     from jaxprune.trace.program import path_names
 
+    rng = np.random.default_rng(seed)
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     out = []
-    for i, (path, a) in enumerate(flat):
-        key = jax.random.fold_in(jax.random.key(seed), i)
+    for path, a in flat:
+        a = np.asarray(a)
         if path_names(path)[-1] == "var":
-            out.append(0.5 + jax.random.uniform(key, a.shape, a.dtype))
+            out.append(0.5 + rng.uniform(size=a.shape).astype(a.dtype))
         else:
-            out.append(a + 0.2 * jax.random.normal(key, a.shape, a.dtype))
-    return jax.tree.unflatten(treedef, out)
+            out.append(a + 0.2 * rng.normal(size=a.shape).astype(a.dtype))
+    return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in out])

@@ -12,7 +12,7 @@ def narrow_module(graphdef, treedef, leaves):
     module = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     for _, sub in nnx.iter_modules(module):
         if isinstance(sub, nnx.Conv):
-            kernel = sub.kernel.value
+            kernel = sub.kernel.get_value()
             depthwise = sub.feature_group_count > 1 and sub.feature_group_count == sub.in_features
             sub.out_features = kernel.shape[-1]
             sub.in_features = kernel.shape[-2] * (kernel.shape[-1] if depthwise else 1)
@@ -20,8 +20,8 @@ def narrow_module(graphdef, treedef, leaves):
                 sub.feature_group_count = kernel.shape[-1]
             sub.kernel_shape = tuple(kernel.shape)
         elif isinstance(sub, nnx.Linear):
-            sub.in_features, sub.out_features = sub.kernel.value.shape
+            sub.in_features, sub.out_features = sub.kernel.get_value().shape
         elif isinstance(sub, nnx.BatchNorm | nnx.LayerNorm | nnx.RMSNorm):
             vector = sub.scale if getattr(sub, "scale", None) is not None else sub.mean
-            sub.num_features = vector.value.shape[-1]
+            sub.num_features = vector.get_value().shape[-1]
     return module
