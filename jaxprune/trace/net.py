@@ -150,10 +150,13 @@ class TracedNet:
         return leaves
 
     def variables(self, module) -> dict:
-        """An NNX module's state as ``{'params': nested dict}``: what the criteria take."""
+        """An NNX module's state as ``{'params': nested dict, string keys}``: what the criteria
+        take (they read ``variables['params'][layer path]['kernel']``)."""
         from flax import nnx
+        from flax.traverse_util import unflatten_dict
 
-        return {"params": nnx.state(module).to_pure_dict()}
+        flat = jax.tree_util.tree_flatten_with_path(nnx.state(module))[0]
+        return {"params": unflatten_dict({path_names(p): leaf for p, leaf in flat})}
 
     # -- gates and keep sets ------------------------------------------------------------------
     def check_gates(self, gates: Mapping | None) -> dict:
