@@ -67,18 +67,27 @@ class InvertedResidual(nn.Module):
         return x + y if self.stride == 1 and x.shape[-1] == self.out else y
 
 
+# (expansion, out channels, blocks, first stride): small for tests; MOBILENETV2_CIFAR is the
+# paper's table with CIFAR strides (stem stride 1, stem 32, head 1280)
+MOBILENETV2_SMALL = (8, ((1, 8, 1, 1), (4, 12, 2, 2), (4, 16, 2, 2)), 32, 2)
+MOBILENETV2_CIFAR = (32, ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2),
+                          (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)), 1280, 1)
+
+
 class MobileNetV2(nn.Module):
     num_classes: int = 10
+    config: tuple = MOBILENETV2_SMALL
 
     @nn.compact
     def __call__(self, x, train=False):
+        stem, stages, head, stem_stride = self.config
         x = nn.relu6(nn.BatchNorm(use_running_average=not train)(
-            nn.Conv(8, (3, 3), 2, padding=1, use_bias=False)(x)))
-        for expand, out, n, stride in ((1, 8, 1, 1), (4, 12, 2, 2), (4, 16, 2, 2)):
+            nn.Conv(stem, (3, 3), stem_stride, padding=1, use_bias=False)(x)))
+        for expand, out, n, stride in stages:
             for i in range(n):
                 x = InvertedResidual(out, stride if i == 0 else 1, expand)(x, train)
         x = nn.relu6(nn.BatchNorm(use_running_average=not train)(
-            nn.Conv(32, (1, 1), use_bias=False)(x)))
+            nn.Conv(head, (1, 1), use_bias=False)(x)))
         return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
