@@ -47,6 +47,7 @@ CALLS = {
     "custom_vjp_call": "call_jaxpr",
     "custom_vjp_call_jaxpr": "fun_jaxpr",
     "remat": "jaxpr",
+    "remat2": "jaxpr",
     "checkpoint": "jaxpr",
 }
 
@@ -423,7 +424,14 @@ def _conv(eqn, g):
         g.block_all([lhs, rhs, out], "grouped convolution (other than depthwise)")
 
 
+def _fresh_output(eqn, g):
+    """iota, random bits: an output made from no channels (its shape follows its consumers)."""
+    g.block_all(eqn.invars, f"operand of {eqn.primitive.name}")
+
+
 RULES = {
+    "iota": _fresh_output,
+    "random_bits": _fresh_output,
     "broadcast_in_dim": _broadcast_in_dim,
     "transpose": _transpose,
     "squeeze": _squeeze,

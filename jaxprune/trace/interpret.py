@@ -107,12 +107,18 @@ def slice_leaves(program: Program, leaves: list, kept: dict[Any, np.ndarray]) ->
     return out
 
 
+# Made from nothing but their shape, with values that depend on the channel index (iota) or that
+# should match the unpruned program (random bits, e.g. dropout masks): made full, then sliced.
+FULL_THEN_SLICED = frozenset({"iota", "random_bits"})
+
+
 class _Run:
     def __init__(self, program: Program, gates=None, kept=None):
         self.program = program
         self.graph = program.graph
         self.gates = gates or {}
-        self.new_size = {root: len(idx) for root, idx in (kept or {}).items()}
+        self.kept = kept or {}
+        self.new_size = {root: len(idx) for root, idx in self.kept.items()}
 
     def new_shape(self, var) -> tuple[int, ...]:
         return tuple(
@@ -159,6 +165,8 @@ class _Run:
         elif self.gates and name == "dot_general" and is_var(eqn.invars[0]):
             for axis in params["dimension_numbers"][0][0]:
                 invals[0] = self.gate(invals[0], eqn.invars[0], axis)
+        if self.new_size and name in FULL_THEN_SLICED:
+            return [self.sliced(eqn.outvars[0], eqn.primitive.bind(*invals, **params))]
         if self.new_size:
             params = self.reshape_params(eqn, params, invals)
         outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
@@ -170,6 +178,14 @@ class _Run:
                         f"pruned {name} made shape {val.shape}, expected {self.new_shape(var)}"
                     )
         return outs
+
+    def sliced(self, var, value):
+        """``value`` made at full width, cut to the kept channels (iota keeps its indices)."""
+        for axis in range(len(shape(var))):
+            idx = self.kept.get(self.graph.find((var, axis)))
+            if idx is not None:
+                value = jnp.take(value, jnp.asarray(idx), axis=axis)
+        return value
 
     def reshape_params(self, eqn, params, invals):
         name = eqn.primitive.name

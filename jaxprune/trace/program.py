@@ -191,9 +191,10 @@ def _name_groups(graph, jaxpr, paths, contractions) -> dict[str, Any]:
 
 
 def _module_path(path: tuple[str, ...]) -> tuple[str, ...]:
-    """A variable's module path: the leaf name and a leading ``params`` collection dropped."""
-    path = path[:-1]
-    return path[1:] if path and path[0] == "params" else path
+    """A variable's module path: the leaf name and a leading ``params`` collection dropped (a
+    top-level variable, e.g. ``{'w1': ...}``, keeps its own name)."""
+    path = path[1:] if path and path[0] == "params" else path
+    return path[:-1] if len(path) > 1 else path
 
 
 def _sources(jaxpr, outer: dict, num_vars: int | None = None) -> dict:

@@ -1,0 +1,59 @@
+"""Channel rules on plain JAX functions: sub-programs (jit, checkpoint, custom_vjp) are followed,
+dtype casts and iota-made tensors keep groups prunable, and unsupported uses block a group."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune as jp
+
+
+@jax.custom_vjp
+def clipped_relu(x):
+    return jnp.clip(x, 0.0, 6.0)
+
+
+clipped_relu.defvjp(lambda x: (clipped_relu(x), x), lambda x, g: (g * (x > 0) * (x < 6),))
+
+
+def mlp(params, x):
+    h = jax.checkpoint(lambda h: jax.nn.gelu(h))(x @ params["w1"] + params["b1"])
+    h = clipped_relu(h.astype(jnp.bfloat16).astype(jnp.float32))
+    h = h * (1.0 + 0.01 * jnp.arange(h.shape[-1], dtype=jnp.float32))  # iota: follows the width
+    h = jax.jit(lambda h, w: h @ w)(h, params["w2"])
+    return h @ params["w3"]
+
+
+def _params():
+    keys = jax.random.split(jax.random.key(0), 3)
+    return {
+        "w1": jax.random.normal(keys[0], (5, 16)),
+        "b1": jnp.linspace(-1, 1, 16),
+        "w2": jax.random.normal(keys[1], (16, 12)),
+        "w3": jax.random.normal(keys[2], (12, 3)),
+    }
+
+
+def test_sub_programs_are_followed_and_pruned_equals_gated():
+    params, x = _params(), jax.random.normal(jax.random.key(1), (4, 5))
+    net = jp.trace(mlp, params, x)
+    assert net.groups == {"w1": 16, "w2": 12}
+    keep = {"w1": np.array([0, 3, 4, 9, 15]), "w2": np.arange(0, 12, 3)}
+    gates = {g: jnp.zeros(n).at[keep[g]].set(1.0) for g, n in net.groups.items()}
+    apply2, params2 = net.prune(params, keep)
+    assert params2["w1"].shape == (5, 5) and params2["w2"].shape == (5, 4)
+    np.testing.assert_allclose(apply2(params2, x), net.apply(params, x, gates=gates), rtol=1e-5,
+                               atol=1e-5)
+    grads = jax.grad(lambda p: apply2(p, x).sum())(params2)  # custom_vjp and remat differentiate
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_a_slice_of_the_channels_blocks_the_group():
+    def fn(params, x):
+        h = jax.nn.relu(x @ params["w1"])
+        return h[:, :8] @ params["w2"]  # only half the hidden channels read: not prunable
+
+    params = {"w1": jnp.ones((5, 16)), "w2": jnp.ones((8, 3))}
+    with pytest.raises(ValueError, match="slice along this axis"):
+        jp.trace(fn, params, jnp.ones((2, 5)))
