@@ -71,7 +71,8 @@ def bench_model(name: str, model, batch: int, rounds: int) -> dict:
         "pruned": pruned.lower(variables2, x).compile().cost_analysis()["flops"],
     }
     seconds = _median_seconds(
-        {"full": full, "pruned": pruned}, {"full": (variables, x), "pruned": (variables2, x)},
+        {"full": full, "pruned": pruned},
+        {"full": (variables, x), "pruned": (variables2, x)},
         rounds,
     )
     macs = {"full": jp.count_macs(net), "pruned": jp.count_macs(jp.trace(apply2, variables2, x))}
@@ -84,8 +85,10 @@ def bench_model(name: str, model, batch: int, rounds: int) -> dict:
         "trace_again_s": retrace_s,
         "prune_s": prune_s,
         "macs_per_image": macs,
-        "params": {"full": jp.count_params(net), "pruned": jp.count_params(
-            jp.trace(apply2, variables2, x))},
+        "params": {
+            "full": jp.count_params(net),
+            "pruned": jp.count_params(jp.trace(apply2, variables2, x)),
+        },
         "xla_flops_per_batch": flops,
         "inference_s_per_batch": seconds,
         "images_per_s": {k: batch / v for k, v in seconds.items()},

@@ -76,8 +76,10 @@ def test_linen_group_names_are_variable_paths(linen_case):
     if name == "resnet18":
         assert "layer1_0/conv1" in net.groups and "conv1" in net.groups  # stem names its stream
     if name == "inception":
-        assert set(net.groups) == {f"{b}_conv" for b in (
-            "stem", "branch1x1", "branch3x3_reduce", "branch3x3", "branch_pool", "mix")}
+        assert set(net.groups) == {
+            f"{b}_conv"
+            for b in ("stem", "branch1x1", "branch3x3_reduce", "branch3x3", "branch_pool", "mix")
+        }
 
 
 def test_linen_pruned_equals_gated(linen_case):
@@ -133,8 +135,9 @@ def test_linen_fine_tuning_step(linen_case):
     params, stats = variables2["params"], {k: v for k, v in variables2.items() if k != "params"}
 
     def loss_fn(params):
-        logits, updates = apply2({"params": params, **stats}, x, train=True,
-                                 mutable=["batch_stats"])
+        logits, updates = apply2(
+            {"params": params, **stats}, x, train=True, mutable=["batch_stats"]
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
 
     opt = optax.sgd(0.1)
@@ -142,7 +145,7 @@ def test_linen_fine_tuning_step(linen_case):
     new_params = optax.apply_updates(params, opt.update(grads, opt.init(params), params)[0])
     assert jax.tree.structure(new_params) == jax.tree.structure(params)
     assert float(jax.jit(loss_fn)(new_params)[0]) < float(loss)
-    for old, new in zip(jax.tree.leaves(stats), jax.tree.leaves(updates)):
+    for old, new in zip(jax.tree.leaves(stats), jax.tree.leaves(updates), strict=False):
         assert old.shape == new.shape and not np.allclose(old, new)  # BatchNorm trained
 
 
@@ -165,7 +168,9 @@ def test_nnx_fine_tuning_step(nnx_case):
     optimizer = nnx.Optimizer(small, optax.sgd(0.1), wrt=nnx.Param)
     loss = step(small, optimizer)
     assert float(nnx.jit(loss_fn)(small)) < float(loss)
-    for old, new in zip(stats_before, jax.tree.leaves(nnx.state(small, nnx.BatchStat))):
+    for old, new in zip(
+        stats_before, jax.tree.leaves(nnx.state(small, nnx.BatchStat)), strict=False
+    ):
         assert not np.allclose(old, new)  # BatchNorm trained
 
 

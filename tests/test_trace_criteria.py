@@ -77,7 +77,8 @@ def test_criteria_run_on_traced_nnx():
     for criterion in ("gfi", "taylor_fo_bn", "l1", "fpgm"):
         scores = importance.CRITERIA[criterion](net, variables, batches)
         assert {g: np.shape(s) for g, s in scores.items()} == {
-            g: (n,) for g, n in net.groups.items()}
+            g: (n,) for g, n in net.groups.items()
+        }
     keep = select.adaptive(net, scores, params_ratio=0.6, normalize="mean")
     small = net.prune(module, keep)
     assert jp.count_params(jp.trace(small, x)) <= 0.6 * jp.count_params(net) * 1.02

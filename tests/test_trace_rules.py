@@ -43,8 +43,9 @@ def test_sub_programs_are_followed_and_pruned_equals_gated():
     gates = {g: jnp.zeros(n).at[keep[g]].set(1.0) for g, n in net.groups.items()}
     apply2, params2 = net.prune(params, keep)
     assert params2["w1"].shape == (5, 5) and params2["w2"].shape == (5, 4)
-    np.testing.assert_allclose(apply2(params2, x), net.apply(params, x, gates=gates), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        apply2(params2, x), net.apply(params, x, gates=gates), rtol=1e-5, atol=1e-5
+    )
     grads = jax.grad(lambda p: apply2(p, x).sum())(params2)  # custom_vjp and remat differentiate
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 

@@ -20,8 +20,12 @@ def _declared(arch) -> set[frozenset]:
         if layer.out_group is not None:
             out = members[layer.out_group]
             if layer.kind == "norm":
-                out |= {(f"params/{p}/scale", 0), (f"params/{p}/bias", 0),
-                        (f"batch_stats/{p}/mean", 0), (f"batch_stats/{p}/var", 0)}
+                out |= {
+                    (f"params/{p}/scale", 0),
+                    (f"params/{p}/bias", 0),
+                    (f"batch_stats/{p}/mean", 0),
+                    (f"batch_stats/{p}/var", 0),
+                }
             else:
                 out.add((f"params/{p}/kernel", 3 if layer.kind == "conv" else 1))
                 if layer.use_bias:

@@ -60,8 +60,9 @@ class InvertedResidual(nn.Module):
         y = x
         if self.expand != 1:
             y = nn.relu6(bn()(nn.Conv(hidden, (1, 1), use_bias=False)(y)))
-        y = nn.Conv(hidden, (3, 3), self.stride, padding=1, feature_group_count=hidden,
-                    use_bias=False)(y)
+        y = nn.Conv(
+            hidden, (3, 3), self.stride, padding=1, feature_group_count=hidden, use_bias=False
+        )(y)
         y = nn.relu6(bn()(y))
         y = bn()(nn.Conv(self.out, (1, 1), use_bias=False)(y))
         return x + y if self.stride == 1 and x.shape[-1] == self.out else y
@@ -70,8 +71,20 @@ class InvertedResidual(nn.Module):
 # (expansion, out channels, blocks, first stride): small for tests; MOBILENETV2_CIFAR is the
 # paper's table with CIFAR strides (stem stride 1, stem 32, head 1280)
 MOBILENETV2_SMALL = (8, ((1, 8, 1, 1), (4, 12, 2, 2), (4, 16, 2, 2)), 32, 2)
-MOBILENETV2_CIFAR = (32, ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2),
-                          (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)), 1280, 1)
+MOBILENETV2_CIFAR = (
+    32,
+    (
+        (1, 16, 1, 1),
+        (6, 24, 2, 1),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ),
+    1280,
+    1,
+)
 
 
 class MobileNetV2(nn.Module):
@@ -81,13 +94,17 @@ class MobileNetV2(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
         stem, stages, head, stem_stride = self.config
-        x = nn.relu6(nn.BatchNorm(use_running_average=not train)(
-            nn.Conv(stem, (3, 3), stem_stride, padding=1, use_bias=False)(x)))
+        x = nn.relu6(
+            nn.BatchNorm(use_running_average=not train)(
+                nn.Conv(stem, (3, 3), stem_stride, padding=1, use_bias=False)(x)
+            )
+        )
         for expand, out, n, stride in stages:
             for i in range(n):
                 x = InvertedResidual(out, stride if i == 0 else 1, expand)(x, train)
-        x = nn.relu6(nn.BatchNorm(use_running_average=not train)(
-            nn.Conv(head, (1, 1), use_bias=False)(x)))
+        x = nn.relu6(
+            nn.BatchNorm(use_running_average=not train)(nn.Conv(head, (1, 1), use_bias=False)(x))
+        )
         return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
@@ -164,15 +181,20 @@ LINEN = {
 
 class NBasicBlock(nnx.Module):
     def __init__(self, cin, planes, stride, rngs):
-        self.conv1 = nnx.Conv(cin, planes, (3, 3), strides=stride, padding=1, use_bias=False,
-                              rngs=rngs)
+        self.conv1 = nnx.Conv(
+            cin, planes, (3, 3), strides=stride, padding=1, use_bias=False, rngs=rngs
+        )
         self.bn1 = nnx.BatchNorm(planes, rngs=rngs)
         self.conv2 = nnx.Conv(planes, planes, (3, 3), padding=1, use_bias=False, rngs=rngs)
         self.bn2 = nnx.BatchNorm(planes, rngs=rngs)
-        self.downsample = nnx.Sequential(
-            nnx.Conv(cin, planes, (1, 1), strides=stride, use_bias=False, rngs=rngs),
-            nnx.BatchNorm(planes, rngs=rngs),
-        ) if stride != 1 or cin != planes else None
+        self.downsample = (
+            nnx.Sequential(
+                nnx.Conv(cin, planes, (1, 1), strides=stride, use_bias=False, rngs=rngs),
+                nnx.BatchNorm(planes, rngs=rngs),
+            )
+            if stride != 1 or cin != planes
+            else None
+        )
 
     def __call__(self, x):
         y = nnx.relu(self.bn1(self.conv1(x)))
@@ -203,12 +225,25 @@ class NResNet18(nnx.Module):
 class NInvertedResidual(nnx.Module):
     def __init__(self, cin, out, stride, expand, rngs):
         hidden = cin * expand
-        self.expand = nnx.Sequential(
-            nnx.Conv(cin, hidden, (1, 1), use_bias=False, rngs=rngs),
-            nnx.BatchNorm(hidden, rngs=rngs), nnx.relu6,
-        ) if expand != 1 else None
-        self.depthwise = nnx.Conv(hidden, hidden, (3, 3), strides=stride, padding=1,
-                                  feature_group_count=hidden, use_bias=False, rngs=rngs)
+        self.expand = (
+            nnx.Sequential(
+                nnx.Conv(cin, hidden, (1, 1), use_bias=False, rngs=rngs),
+                nnx.BatchNorm(hidden, rngs=rngs),
+                nnx.relu6,
+            )
+            if expand != 1
+            else None
+        )
+        self.depthwise = nnx.Conv(
+            hidden,
+            hidden,
+            (3, 3),
+            strides=stride,
+            padding=1,
+            feature_group_count=hidden,
+            use_bias=False,
+            rngs=rngs,
+        )
         self.bn = nnx.BatchNorm(hidden, rngs=rngs)
         self.project = nnx.Conv(hidden, out, (1, 1), use_bias=False, rngs=rngs)
         self.project_bn = nnx.BatchNorm(out, rngs=rngs)
@@ -265,8 +300,10 @@ class NInception(nnx.Module):
     def __call__(self, x):
         x = self.stem(x)
         pooled = nnx.max_pool(x, (3, 3), (1, 1), "SAME")
-        x = jnp.concatenate([self.branch1x1(x), self.branch3x3(self.branch3x3_reduce(x)),
-                             self.branch_pool(pooled)], axis=-1)
+        x = jnp.concatenate(
+            [self.branch1x1(x), self.branch3x3(self.branch3x3_reduce(x)), self.branch_pool(pooled)],
+            axis=-1,
+        )
         return self.head(self.mix(x).mean(axis=(1, 2)))
 
 

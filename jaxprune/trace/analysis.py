@@ -30,8 +30,9 @@ Node = tuple[Any, int]  # (jaxpr Var, axis)
 ELEMENTWISE = frozenset(
     """abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp conj copy copy_p
     cos cosh convert_element_type div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag
-    integer_pow is_finite le lgamma digamma log log1p logistic lt max min mul ne neg nextafter not or
-    pow real reduce_precision rem round rsqrt select_n sign sin sinh sqrt square stop_gradient sub
+    integer_pow is_finite le lgamma digamma log log1p logistic lt max min mul ne neg nextafter
+    not or pow real reduce_precision rem round rsqrt select_n sign sin sinh sqrt square
+    stop_gradient sub
     tan tanh xor sharding_constraint optimization_barrier""".split()
 )
 REDUCTIONS = frozenset(
@@ -90,7 +91,7 @@ def shape(x) -> tuple[int, ...]:
 
 
 class ChannelGraph:
-    """Union-find over (var, axis) nodes with derived (concat/flatten) classes and blocked classes."""
+    """Union-find over (var, axis) nodes, with derived (concat/flatten) and blocked classes."""
 
     def __init__(self):
         self.parent: dict[Node, Node] = {}
@@ -189,14 +190,14 @@ def _same_form(graph: ChannelGraph, a: Derived, b: Derived) -> bool:
     if isinstance(a, Flatten):
         return a.positions == b.positions
     return len(a.parts) == len(b.parts) and all(
-        shape(x[0])[x[1]] == shape(y[0])[y[1]] for x, y in zip(a.parts, b.parts)
+        shape(x[0])[x[1]] == shape(y[0])[y[1]] for x, y in zip(a.parts, b.parts, strict=False)
     )
 
 
 def _children_pairs(a: Derived, b: Derived) -> list[tuple[Node, Node]]:
     if isinstance(a, Flatten):
         return [(a.inner, b.inner)]
-    return list(zip(a.parts, b.parts))
+    return list(zip(a.parts, b.parts, strict=False))
 
 
 # -- rules -----------------------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def _rule(eqn, g: ChannelGraph) -> None:
             if len(shape(x)) != len(shape(out)):
                 g.block_all([x, out], f"{name} of mismatched ranks")
                 continue
-            for axis, (a, b) in enumerate(zip(shape(x), shape(out))):
+            for axis, (a, b) in enumerate(zip(shape(x), shape(out), strict=False)):
                 if a == b:
                     g.union((x, axis), (out, axis))
         return
@@ -243,7 +244,7 @@ def _rule(eqn, g: ChannelGraph) -> None:
 
 
 def _tie_all(g: ChannelGraph, xs, ys) -> None:
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=False):
         if is_var(x) and is_var(y):
             for axis in range(len(shape(x))):
                 g.union((x, axis), (y, axis))
@@ -341,7 +342,7 @@ def _same_size_axes(eqn, g):
     """slice, pad, rev, dynamic_slice...: axes that keep their size tie; the others block."""
     x = eqn.invars[0]
     for out in eqn.outvars:
-        for a, (n, m) in enumerate(zip(shape(x), shape(out))):
+        for a, (n, m) in enumerate(zip(shape(x), shape(out), strict=False)):
             changed = n != m or _touched(eqn, a)
             if changed:
                 g.block((x, a), f"{eqn.primitive.name} along this axis")
@@ -384,10 +385,10 @@ def _dot_general(eqn, g):
     lhs, rhs = eqn.invars
     out = eqn.outvars[0]
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    for a, b in zip(lc, rc):
+    for a, b in zip(lc, rc, strict=False):
         if is_var(lhs) and is_var(rhs):
             g.union((lhs, a), (rhs, b))
-    for i, (a, b) in enumerate(zip(lb, rb)):
+    for i, (a, b) in enumerate(zip(lb, rb, strict=False)):
         g.union((lhs, a), (out, i))
         g.union((rhs, b), (out, i))
     k = len(lb)
@@ -455,8 +456,8 @@ def inline(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> li
     """Evaluates ``jaxpr`` with every call-like sub-program inlined (under `jax.make_jaxpr` this
     gives a flat program: a sub-jaxpr that JAX shares between call sites, such as ``relu``'s,
     then gets fresh variables at each site)."""
-    env = dict(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
+    env = dict(zip(jaxpr.constvars, consts, strict=False))
+    env.update(zip(jaxpr.invars, args, strict=False))
 
     def read(v):
         return env[v] if is_var(v) else v.val
@@ -470,5 +471,5 @@ def inline(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> li
         else:
             outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
             outs = outs if eqn.primitive.multiple_results else [outs]
-        env.update((v, o) for v, o in zip(eqn.outvars, outs) if is_var(v))
+        env.update((v, o) for v, o in zip(eqn.outvars, outs, strict=False) if is_var(v))
     return [read(v) for v in jaxpr.outvars]

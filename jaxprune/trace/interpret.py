@@ -8,7 +8,9 @@ Both are an evaluation of the traced jaxpr, equation by equation, with sub-progr
   ReLU, ``d loss / d gate`` is the same as for a gate after BatchNorm (``relu(g z) = g relu(z)``).
 * **pruned**: the variables are sliced to the kept channels and every shape parameter
   (``broadcast_in_dim``'s shape, ``reshape``'s sizes, a depthwise conv's group count) is rewritten
-  for the narrower classes, so XLA compiles a genuinely narrower program.
+  for the narrower classes, so XLA compiles a genuinely narrower program. Tensors made from
+  nothing but a shape (``iota``, random bits) are made at full width and sliced, so they hold the
+  kept channels' values.
 """
 
 from collections.abc import Mapping
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.trace.analysis import Concat, Flatten, is_var, shape, sub_jaxpr
+from jaxprune.trace.analysis import Concat, is_var, shape, sub_jaxpr
 from jaxprune.trace.program import Program
 
 
@@ -48,9 +50,11 @@ def keep_indices(program: Program, keep: Mapping[str, np.ndarray]) -> dict[Any, 
         else:
             n = shape(form.inner[0])[form.inner[1]]
             sub = indices(graph.find(form.inner))
-            result = None if sub is None else (
-                np.arange(form.positions)[:, None] * n + sub[None, :]
-            ).reshape(-1)
+            result = (
+                None
+                if sub is None
+                else (np.arange(form.positions)[:, None] * n + sub[None, :]).reshape(-1)
+            )
         if result is not None:
             out[root] = result
         return result
@@ -76,10 +80,12 @@ def gate_vectors(program: Program, gates: Mapping[str, jax.Array]) -> dict[Any, 
             parts = [vector(graph.find(p)) for p in form.parts]
             if all(p is None for p in parts):
                 return None
-            result = jnp.concatenate([
-                jnp.ones((shape(node[0])[node[1]],), jnp.float32) if p is None else p
-                for node, p in zip(form.parts, parts)
-            ])
+            result = jnp.concatenate(
+                [
+                    jnp.ones((shape(node[0])[node[1]],), jnp.float32) if p is None else p
+                    for node, p in zip(form.parts, parts, strict=False)
+                ]
+            )
         else:
             inner = vector(graph.find(form.inner))
             result = None if inner is None else jnp.tile(inner, form.positions)
@@ -139,9 +145,9 @@ class _Run:
         def read(v):
             return v.val if not is_var(v) else env[v]
 
-        for var, val in zip(jaxpr.constvars, consts):
+        for var, val in zip(jaxpr.constvars, consts, strict=False):
             env[var] = val
-        for var, val in zip(jaxpr.invars, args):
+        for var, val in zip(jaxpr.invars, args, strict=False):
             env[var] = val
         for eqn in jaxpr.eqns:
             invals = [read(v) for v in eqn.invars]
@@ -151,7 +157,7 @@ class _Run:
                 outs = self.eval(sub, sub_consts, invals[len(invals) - len(sub.invars) :])
             else:
                 outs = self.bind(eqn, invals)
-            for var, val in zip(eqn.outvars, outs):
+            for var, val in zip(eqn.outvars, outs, strict=False):
                 if is_var(var):
                     env[var] = val
         return [read(v) for v in jaxpr.outvars]
@@ -172,7 +178,7 @@ class _Run:
         outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
         outs = outs if eqn.primitive.multiple_results else [outs]
         if self.new_size:
-            for var, val in zip(eqn.outvars, outs):
+            for var, val in zip(eqn.outvars, outs, strict=False):
                 if is_var(var) and tuple(val.shape) != self.new_shape(var):
                     raise AssertionError(
                         f"pruned {name} made shape {val.shape}, expected {self.new_shape(var)}"
@@ -196,9 +202,7 @@ class _Run:
             params["new_sizes"] = self.new_shape(out)
             params["dimensions"] = None
         if name == "conv_general_dilated" and params["feature_group_count"] > 1:
-            params["feature_group_count"] = invals[0].shape[
-                params["dimension_numbers"].lhs_spec[1]
-            ]
+            params["feature_group_count"] = invals[0].shape[params["dimension_numbers"].lhs_spec[1]]
         return params
 
 

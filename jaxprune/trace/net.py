@@ -13,7 +13,7 @@ A `TracedNet` also has what jaxprune's criteria, selection and counting read fro
 """
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -21,7 +21,8 @@ import numpy as np
 
 from jaxprune.graph import Layer
 from jaxprune.surgery import Keep
-from jaxprune.trace import interpret, program as programs
+from jaxprune.trace import interpret
+from jaxprune.trace import program as programs
 from jaxprune.trace.program import Program, path_names
 
 
@@ -48,8 +49,10 @@ def trace(model: Any, *args: Any, name: str = "traced") -> "TracedNet":
         if len(args) != 1:
             raise TypeError("jp.trace(nnx_module, x): give the module and one example input")
         graphdef, state = nnx.split(model)
-        params = {path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-            nnx.state(model, nnx.Param))[0]}
+        params = {
+            path_names(p)
+            for p, _ in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+        }
         fn = functools.partial(_nnx_call, graphdef)
         return TracedNet(fn, state, args[0], name, "nnx", graphdef=graphdef, param_paths=params)
     if not callable(model):
@@ -102,8 +105,11 @@ class TracedNet:
 
     # -- programs ---------------------------------------------------------------------------------
     def program(self, x_struct, kwargs: Mapping) -> Program:
-        key = (jax.tree.structure(x_struct), tuple((a.shape, a.dtype) for a in jax.tree.leaves(
-            x_struct)), _freeze(kwargs))
+        key = (
+            jax.tree.structure(x_struct),
+            tuple((a.shape, a.dtype) for a in jax.tree.leaves(x_struct)),
+            _freeze(kwargs),
+        )
         if key not in self._programs:
             prog = programs.build(self.fn, self.var_struct, x_struct, kwargs)
             if self._programs and prog.group_signature() != self.base.group_signature():
@@ -141,7 +147,9 @@ class TracedNet:
                         f"(have e.g. {['/'.join(p) for p in list(by_path)[:4]]})"
                     )
                 leaves.append(leaf)
-        for leaf, want, path in zip(leaves, jax.tree.leaves(self.var_struct), self.base.paths):
+        for leaf, want, path in zip(
+            leaves, jax.tree.leaves(self.var_struct), self.base.paths, strict=False
+        ):
             if np.shape(leaf) != want.shape:
                 raise ValueError(
                     f"variable {'/'.join(path)} has shape {np.shape(leaf)}, the traced network "
@@ -164,7 +172,9 @@ class TracedNet:
             return {}
         unknown = sorted(set(gates) - set(self.groups))
         if unknown:
-            raise ValueError(f"gates for unknown groups {unknown}; valid groups: {list(self.groups)}")
+            raise ValueError(
+                f"gates for unknown groups {unknown}; valid groups: {list(self.groups)}"
+            )
         for g, v in gates.items():
             if np.shape(v) != (self.groups[g],):
                 raise ValueError(
@@ -199,7 +209,8 @@ class TracedNet:
           linen/fn: ``(apply2, variables2)``, ``apply2(variables2, x, **kwargs)`` the narrower
           program (other batch sizes and keyword arguments, e.g. ``train=True,
           mutable=['batch_stats']``, are traced from the original function and narrowed the same
-          way). NNX: a narrower copy of the module.
+          way; keyword values must be hashable: no arrays, so not linen dropout's ``rngs``).
+          NNX: a narrower copy of the module.
         """
         kept_by_name = self.full_keep(keep)
         leaves = self._leaves(variables)
@@ -236,10 +247,13 @@ class TracedNet:
 
     def count_params(self) -> int:
         """Scalars in the traced network's trainable parameters."""
-        return int(sum(
-            np.prod(a.shape, dtype=np.int64)
-            for i, a in enumerate(jax.tree.leaves(self.var_struct)) if i in self.param_leaves
-        ))
+        return int(
+            sum(
+                np.prod(a.shape, dtype=np.int64)
+                for i, a in enumerate(jax.tree.leaves(self.var_struct))
+                if i in self.param_leaves
+            )
+        )
 
     def module(self, dtype=None) -> "_GateModule":
         return _GateModule(self)

@@ -87,9 +87,7 @@ class Program:
         return {k: frozenset(v) for k, v in out.items()}
 
 
-def build(
-    fn: Callable, variables: Any, x: Any, kwargs: dict | None = None
-) -> Program:
+def build(fn: Callable, variables: Any, x: Any, kwargs: dict | None = None) -> Program:
     """Traces ``fn(variables, x, **kwargs)`` and finds its channel groups.
 
     Raises:
@@ -100,9 +98,9 @@ def build(
     paths = [path_names(p) for p, _ in leaves_with_paths]
     try:
         with conv_impl("xla"):
-            closed, out_shape = jax.make_jaxpr(
-                lambda v, x: fn(v, x, **kwargs), return_shape=True
-            )(variables, x)
+            closed, out_shape = jax.make_jaxpr(lambda v, x: fn(v, x, **kwargs), return_shape=True)(
+                variables, x
+            )
     except Exception as error:  # noqa: BLE001 - any failure to trace is the user's to see
         raise TypeError(
             f"jp.trace could not trace the function with these arguments "
@@ -120,7 +118,7 @@ def build(
     graph.block_all(jaxpr.invars[num_vars:], "reaches the model's input")
     analysis.analyse(jaxpr, graph)
     by_path = {p: i for i, p in enumerate(paths)}
-    for (out_path, _), var in zip(out_leaves, jaxpr.outvars):
+    for (out_path, _), var in zip(out_leaves, jaxpr.outvars, strict=False):
         leaf = _state_leaf(path_names(out_path), by_path)
         if leaf is not None and is_var(var) and shape(var) == shape(jaxpr.invars[leaf]):
             analysis._tie_all(graph, [jaxpr.invars[leaf]], [var])
@@ -146,7 +144,7 @@ def _root_size(graph, root) -> int:
     var, axis = root
     if getattr(var, "aval", None) is not None:
         return shape(var)[axis]
-    for node, parent in graph.parent.items():
+    for node in graph.parent:
         if graph.find(node) == root and getattr(node[0], "aval", None) is not None:
             return shape(node[0])[node[1]]
     raise AssertionError("class without a size")
@@ -208,7 +206,7 @@ def _sources(jaxpr, outer: dict, num_vars: int | None = None) -> dict:
             sub = inner[0]
             offset = len(eqn.invars) - len(sub.invars)
             inner_src = {
-                v: src[x] for v, x in zip(sub.invars, eqn.invars[offset:]) if x in src
+                v: src[x] for v, x in zip(sub.invars, eqn.invars[offset:], strict=False) if x in src
             }
             src.update(_sources(sub, inner_src))
         elif eqn.primitive.name in ("convert_element_type", "copy", "copy_p") and (
@@ -331,8 +329,12 @@ def layers(program: Program, param_leaves: frozenset[int]) -> list[Layer]:
         taps, pos = c.kernel_taps, c.out_positions
         for k, (group, n, repeats) in enumerate(segments(program, c.in_root, c.in_size)):
             common = dict(
-                path=path, in_channels=n, out_channels=c.out_size, in_group=group,
-                out_group=out_group, use_bias=bias is not None and k == 0,
+                path=path,
+                in_channels=n,
+                out_channels=c.out_size,
+                in_group=group,
+                out_group=out_group,
+                use_bias=bias is not None and k == 0,
             )
             if c.kind == "conv" and len(taps) == 2 and taps[0] == taps[1] and repeats == 1:
                 out.append(Layer(kind="conv", kernel_size=taps[0], out_hw=tuple(pos), **common))
@@ -371,9 +373,13 @@ def _vector_layers(program: Program, leaves: list[int], layers_so_far: list[Laye
     for (path, group), count in vectors.items():
         n = program.sizes[group]
         pairs, odd = divmod(int(round(count)), 2)
-        out += [Layer(path=path, kind="norm", in_channels=n, out_channels=n, out_group=group)] * pairs
+        out += [
+            Layer(path=path, kind="norm", in_channels=n, out_channels=n, out_group=group)
+        ] * pairs
         if odd:
-            out.append(Layer(path=path, kind="norm", in_channels=n, out_channels=n, out_group=group))
+            out.append(
+                Layer(path=path, kind="norm", in_channels=n, out_channels=n, out_group=group)
+            )
     for path, size in fixed.items():
         out.append(Layer(path=path, kind="conv", in_channels=size, out_channels=1, out_hw=(0, 0)))
     return out
