@@ -4,6 +4,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxprune as jp
@@ -61,3 +62,25 @@ def test_traced_zoo_groups_equal_declared(name, input_shape):
     assert traced == _declared(arch)
     assert jp.count_macs(net) == jp.count_macs(arch)
     assert jp.count_params(net) == jp.count_params(arch)
+
+
+@pytest.mark.parametrize("name,input_shape", [("lenet5", None), ("vgg11", (16, 16, 3))])
+def test_traced_gate_gradients_equal_the_zoo_gates(name, input_shape):
+    """In a plain ReLU network the gate where a group is contracted and the zoo's gate after
+    BatchNorm have the same gradient (relu(g z) = g relu(z), max-pooling commutes with g > 0), so
+    Taylor-FO-BN scores of the traced and the declared network agree."""
+    from jaxprune import importance
+
+    arch = _small(name, input_shape)
+    x = jax.random.normal(jax.random.key(1), (4, *arch.input_shape))
+    variables = jax.jit(arch.module().init)(jax.random.key(0), x)
+    net = jp.trace(lambda v, x: arch.module().apply(v, x, train=False), variables, x)
+    batches = [(x, jnp.arange(4) % 10)]
+    traced = importance.taylor_fo_bn(net, variables, batches)
+    declared = importance.taylor_fo_bn(arch, variables, batches)
+    by_signature = {m: g for g, m in net.base.group_signature().items()}
+    for g_declared in jp.groups(arch):
+        layer = jp.group_layers(arch)[g_declared][0]
+        kernel = ("params/" + "/".join(layer.path) + "/kernel", 3 if layer.kind == "conv" else 1)
+        g_traced = next(g for m, g in by_signature.items() if kernel in m)
+        np.testing.assert_allclose(traced[g_traced], declared[g_declared], rtol=1e-4, atol=1e-9)
