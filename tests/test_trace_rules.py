@@ -1,6 +1,7 @@
 """Channel rules on plain JAX functions: sub-programs (jit, checkpoint, custom_vjp) are followed,
 dtype casts and iota-made tensors keep groups prunable, and unsupported uses block a group."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,3 +59,31 @@ def test_a_slice_of_the_channels_blocks_the_group():
     params = {"w1": jnp.ones((5, 16)), "w2": jnp.ones((8, 3))}
     with pytest.raises(ValueError, match="slice along this axis"):
         jp.trace(fn, params, jnp.ones((2, 5)))
+
+
+class ViTBlock(nn.Module):
+    """Patch embedding, pre-norm attention and MLP with residuals, as a ViT writes them."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(16, (4, 4), 4, name="patch")(x).reshape(x.shape[0], -1, 16)
+        x = x + self.param("pos", nn.initializers.normal(0.02), (1, x.shape[1], 16))
+        y = nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(nn.LayerNorm()(x))
+        x = x + nn.Dropout(0.1, deterministic=not train)(y)
+        y = nn.Dense(16, name="mlp2")(nn.gelu(nn.Dense(32, name="mlp1")(nn.LayerNorm()(x))))
+        return nn.Dense(10, name="head")(nn.LayerNorm()(x + y).mean(1))
+
+
+def test_vit_block_prunes_its_mlp_and_leaves_attention():
+    """Attention's [d, heads, head_dim] kernels are left out (`Program.unrepresented`); the
+    LayerNorm'd stream is blocked; the MLP's hidden layer is the one group."""
+    model, x = ViTBlock(), jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    net = jp.trace(model.apply, variables, x)
+    assert net.groups == {"mlp1": 32} and jp.groups(net) == net.groups
+    assert any(name.startswith("attn/") for name in net.base.unrepresented)
+    keep = {"mlp1": np.arange(0, 32, 3)}
+    gates = {"mlp1": jnp.zeros(32).at[keep["mlp1"]].set(1.0)}
+    apply2, variables2 = net.prune(variables, keep)
+    gated = jax.jit(lambda v, x: net.apply(v, x, gates=gates))(variables, x)
+    np.testing.assert_allclose(jax.jit(apply2)(variables2, x), gated, rtol=1e-5, atol=1e-6)

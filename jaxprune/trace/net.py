@@ -86,18 +86,18 @@ class TracedNet:
         leaves, self.treedef = jax.tree_util.tree_flatten(variables)
         self.var_struct = _struct(variables)
         self.x_struct = _struct(x)
+        self.param_paths = None if param_paths is None else frozenset(param_paths)
         self._programs: dict = {}
         base = self.program(self.x_struct, {})
         if not base.groups:
             reasons = sorted({r for r in base.graph.reasons.values() if r})
+            left_out = f"; left out: {list(base.unrepresented)}" if base.unrepresented else ""
             raise ValueError(
                 f"the model has no prunable channel group (every channel axis is blocked: "
-                f"{'; '.join(reasons[:6])})"
+                f"{'; '.join(reasons[:6])}{left_out})"
             )
         self.base = base
-        if param_paths is None:  # linen: the 'params' collection
-            param_paths = {p for p in base.paths if p and p[0] == "params"}
-        self.param_leaves = frozenset(i for i, p in enumerate(base.paths) if p in param_paths)
+        self.param_leaves = base.param_leaves
         out_shape = base.closed.out_avals[0].shape
         self.num_classes = int(out_shape[-1]) if out_shape else 1
         x_leaves = jax.tree.leaves(x)
@@ -111,7 +111,7 @@ class TracedNet:
             _freeze(kwargs),
         )
         if key not in self._programs:
-            prog = programs.build(self.fn, self.var_struct, x_struct, kwargs)
+            prog = programs.build(self.fn, self.var_struct, x_struct, kwargs, self.param_paths)
             if self._programs and prog.group_signature() != self.base.group_signature():
                 raise ValueError(
                     f"tracing again with input {key[1]} and {dict(kwargs)} found other channel "
@@ -243,7 +243,7 @@ class TracedNet:
 
     @functools.cached_property
     def _layers(self) -> list[Layer]:
-        return programs.layers(self.base, self.param_leaves)
+        return programs.layers(self.base)
 
     def count_params(self) -> int:
         """Scalars in the traced network's trainable parameters."""

@@ -61,6 +61,8 @@ class Program:
     groups: dict[str, Any]  # name -> root, forward order
     sizes: dict[str, int]
     contractions: list[Contraction]
+    param_leaves: frozenset[int]  # the trainable variables (counted as parameters)
+    unrepresented: tuple[str, ...] = ()  # prunable classes left out: see `build`
 
     @property
     def invars(self):
@@ -87,8 +89,25 @@ class Program:
         return {k: frozenset(v) for k, v in out.items()}
 
 
-def build(fn: Callable, variables: Any, x: Any, kwargs: dict | None = None) -> Program:
+def build(
+    fn: Callable,
+    variables: Any,
+    x: Any,
+    kwargs: dict | None = None,
+    param_paths: frozenset[tuple[str, ...]] | None = None,
+) -> Program:
     """Traces ``fn(variables, x, **kwargs)`` and finds its channel groups.
+
+    A group must have a producer that `jaxprune.graph.Layer` can describe (the output axis of a
+    conv or dense kernel, or per-channel vectors), so that counting, the cost model and the weight
+    criteria see it. Classes that only index an axis of a kernel with several output axes (the
+    heads and head dimensions of flax's attention, whose kernels are [d, heads, head_dim]) are
+    exactly prunable but are left out (``unrepresented``): attention stays unpruned.
+
+    Args:
+      fn, variables, x, kwargs: what is traced; ``variables`` may hold ShapeDtypeStructs.
+      param_paths: the variable paths that are trainable parameters; None: linen's ``params``
+        collection (paths starting with ``params``).
 
     Raises:
       TypeError: when ``fn`` cannot be traced with these arguments.
@@ -128,7 +147,20 @@ def build(fn: Callable, variables: Any, x: Any, kwargs: dict | None = None) -> P
     contractions = _contractions(jaxpr, graph, num_vars)
     groups = _name_groups(graph, jaxpr, paths, contractions)
     sizes = {name: _root_size(graph, root) for name, root in groups.items()}
-    return Program(closed, paths, num_vars, out_tree, graph, groups, sizes, contractions)
+    if param_paths is None:
+        param_leaves = frozenset(i for i, p in enumerate(paths) if p and p[0] == "params")
+    else:
+        param_leaves = frozenset(i for i, p in enumerate(paths) if p in param_paths)
+    program = Program(
+        closed, paths, num_vars, out_tree, graph, groups, sizes, contractions, param_leaves
+    )
+    described = {layer.out_group for layer in layers(program)}
+    left_out = tuple(name for name in groups if name not in described)
+    if left_out:
+        program.groups = {n: r for n, r in groups.items() if n in described}
+        program.sizes = {n: sizes[n] for n in program.groups}
+        program.unrepresented = left_out
+    return program
 
 
 def _state_leaf(out_path: tuple[str, ...], by_path: dict) -> int | None:
@@ -310,7 +342,7 @@ def segments(program: Program, root, size: int) -> list[tuple[str | None, int, i
     return [(None, size, 1)]
 
 
-def layers(program: Program, param_leaves: frozenset[int]) -> list[Layer]:
+def layers(program: Program) -> list[Layer]:
     """`jaxprune.graph.Layer` records for the program: its convs and denses, then vector params.
 
     MACs (`jaxprune.flops.layer_macs`) are exact for every contraction; parameters are exact for
@@ -343,7 +375,8 @@ def layers(program: Program, param_leaves: frozenset[int]) -> list[Layer]:
             else:  # MACs exact as a 1x1 conv over every (position, tap, repeat)
                 spread = math.prod(pos) * math.prod(taps) * repeats
                 out.append(Layer(kind="conv", kernel_size=1, out_hw=(spread, 1), **common))
-    out += _vector_layers(program, [i for i in sorted(param_leaves) if i not in used], out)
+    rest = [i for i in sorted(program.param_leaves) if i not in used]
+    out += _vector_layers(program, rest, out)
     return out
 
 
