@@ -87,3 +87,24 @@ def test_vit_block_prunes_its_mlp_and_leaves_attention():
     apply2, variables2 = net.prune(variables, keep)
     gated = jax.jit(lambda v, x: net.apply(v, x, gates=gates))(variables, x)
     np.testing.assert_allclose(jax.jit(apply2)(variables2, x), gated, rtol=1e-5, atol=1e-6)
+
+
+def test_linen_dropout_trains_pruned_with_rngs():
+    """Array keyword arguments (dropout's rngs) are program inputs; the pruned program in train
+    mode draws the kept channels' part of the full network's dropout mask: pruned == gated."""
+    model, x = ViTBlock(), jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    net = jp.trace(model.apply, variables, x)
+    keep = {"mlp1": np.arange(0, 32, 2)}
+    gates = {"mlp1": jnp.zeros(32).at[keep["mlp1"]].set(1.0)}
+    apply2, variables2 = net.prune(variables, keep)
+    rngs = {"dropout": jax.random.key(3)}
+    pruned = jax.jit(lambda v, r: apply2(v, x, train=True, rngs=r))(variables2, rngs)
+    gated = jax.jit(lambda v, r: net.apply(v, x, gates=gates, train=True, rngs=r))(variables, rngs)
+    eval_mode = jax.jit(apply2)(variables2, x)
+    np.testing.assert_allclose(pruned, gated, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(pruned, eval_mode)  # dropout did act
+    other = jax.jit(lambda v, r: apply2(v, x, train=True, rngs=r))(
+        variables2, {"dropout": jax.random.key(4)}
+    )
+    assert not np.allclose(pruned, other)  # the key is an input, not a constant

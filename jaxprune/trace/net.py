@@ -88,7 +88,7 @@ class TracedNet:
         self.x_struct = _struct(x)
         self.param_paths = None if param_paths is None else frozenset(param_paths)
         self._programs: dict = {}
-        base = self.program(self.x_struct, {})
+        base = self.program(x, {})
         if not base.groups:
             reasons = sorted({r for r in base.graph.reasons.values() if r})
             left_out = f"; left out: {list(base.unrepresented)}" if base.unrepresented else ""
@@ -104,14 +104,27 @@ class TracedNet:
         self.input_shape = tuple(x_leaves[0].shape[1:])
 
     # -- programs ---------------------------------------------------------------------------------
-    def program(self, x_struct, kwargs: Mapping) -> Program:
+    def program(self, x, kwargs: Mapping) -> Program:
+        """The program traced for inputs shaped like ``x`` and these keyword arguments (cached).
+
+        Keyword values holding arrays (e.g. linen's ``rngs={'dropout': key}``) are inputs of the
+        program; the others (``train=True``, ``mutable=['batch_stats']``) are fixed in it.
+        """
+        static, dynamic = _split_kwargs(kwargs)
+        inputs = _struct((x, dynamic))
         key = (
-            jax.tree.structure(x_struct),
-            tuple((a.shape, a.dtype) for a in jax.tree.leaves(x_struct)),
-            _freeze(kwargs),
+            jax.tree.structure(inputs),
+            tuple((a.shape, a.dtype) for a in jax.tree.leaves(inputs)),
+            _freeze(static),
         )
         if key not in self._programs:
-            prog = programs.build(self.fn, self.var_struct, x_struct, kwargs, self.param_paths)
+            prog = programs.build(
+                functools.partial(_with_dynamic, self.fn),
+                self.var_struct,
+                inputs,
+                static,
+                self.param_paths,
+            )
             if self._programs and prog.group_signature() != self.base.group_signature():
                 raise ValueError(
                     f"tracing again with input {key[1]} and {dict(kwargs)} found other channel "
@@ -119,6 +132,9 @@ class TracedNet:
                 )
             self._programs[key] = prog
         return self._programs[key]
+
+    def _inputs(self, x, kwargs: Mapping) -> list:
+        return jax.tree.leaves((x, _split_kwargs(kwargs)[1]))
 
     @property
     def groups(self) -> dict[str, int]:
@@ -193,9 +209,9 @@ class TracedNet:
     def apply(self, variables, x, gates: Mapping | None = None, **kwargs):
         """The traced model's outputs, each group's channels multiplied by ``gates[group]``."""
         gates = self.check_gates(gates)
-        prog = self.program(_struct(x), kwargs)
+        prog = self.program(x, kwargs)
         vectors = interpret.gate_vectors(prog, gates)
-        outs = interpret.run(prog, self._leaves(variables), jax.tree.leaves(x), gates=vectors)
+        outs = interpret.run(prog, self._leaves(variables), self._inputs(x, kwargs), gates=vectors)
         return jax.tree.unflatten(prog.out_tree, outs)
 
     def prune(self, variables, keep: Keep):
@@ -209,7 +225,7 @@ class TracedNet:
           linen/fn: ``(apply2, variables2)``, ``apply2(variables2, x, **kwargs)`` the narrower
           program (other batch sizes and keyword arguments, e.g. ``train=True,
           mutable=['batch_stats']``, are traced from the original function and narrowed the same
-          way; keyword values must be hashable: no arrays, so not linen dropout's ``rngs``).
+          way; keyword values holding arrays, such as linen dropout's ``rngs``, are inputs).
           NNX: a narrower copy of the module.
         """
         kept_by_name = self.full_keep(keep)
@@ -223,10 +239,10 @@ class TracedNet:
         variables2 = jax.tree.unflatten(self.treedef, small)
 
         def apply2(variables, x, **kwargs):
-            prog = self.program(_struct(x), kwargs)
+            prog = self.program(x, kwargs)
             kept_here = interpret.keep_indices(prog, kept_by_name)
             outs = interpret.run(
-                prog, jax.tree.leaves(variables), jax.tree.leaves(x), kept=kept_here
+                prog, jax.tree.leaves(variables), self._inputs(x, kwargs), kept=kept_here
             )
             return jax.tree.unflatten(prog.out_tree, outs)
 
@@ -281,6 +297,21 @@ class _GateModule:
                 f"got train={train}, {sorted(kwargs)}"
             )
         return self.net.apply(variables, x, gates=gates)
+
+
+def _with_dynamic(fn, variables, inputs, **static):
+    x, dynamic = inputs
+    return fn(variables, x, **static, **dynamic)
+
+
+def _split_kwargs(kwargs: Mapping) -> tuple[dict, dict]:
+    """(keyword arguments fixed in the program, those holding arrays: inputs of the program)."""
+    dynamic = {
+        k: v
+        for k, v in kwargs.items()
+        if any(isinstance(leaf, jax.Array | np.ndarray) for leaf in jax.tree.leaves(v))
+    }
+    return {k: v for k, v in kwargs.items() if k not in dynamic}, dynamic
 
 
 def _freeze(value):
