@@ -5,6 +5,8 @@ arch = jp.models.create("resnet56", num_classes=10)
 jp.groups(arch)                               # prunable channel groups -> sizes
 arch2, variables2 = jp.prune(arch, variables, keep)
 jp.count_macs(arch2), jp.count_params(arch2)
+net = jp.trace(model.apply, variables, x)     # any Flax model (linen fn or nnx.Module)
+apply2, variables2 = net.prune(variables, keep)
 """
 
 # First, before anything can start a JAX backend (XLA reads its flags then, and starts the
