@@ -82,3 +82,13 @@ def test_criteria_run_on_traced_nnx():
     keep = select.adaptive(net, scores, params_ratio=0.6, normalize="mean")
     small = net.prune(module, keep)
     assert jp.count_params(jp.trace(small, x)) <= 0.6 * jp.count_params(net) * 1.02
+
+
+def test_second_order_gfi_runs_on_a_traced_net():
+    """GFI's order=2 differentiates the gated program twice (forward over reverse, vmapped)."""
+    model = tm.FlattenNet()
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    variables = tm.random_variables(jax.jit(model.init)(jax.random.key(0), x))
+    net = jp.trace(model.apply, variables, x)
+    scores = importance.gfi(net, variables, [(x, jnp.arange(4) % 10)], order=2)
+    assert {g: s.shape for g, s in scores.items()} == {g: (n,) for g, n in net.groups.items()}
