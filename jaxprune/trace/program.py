@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxprune.graph import Layer
 from jaxprune.ops.conv import conv_impl
-from jaxprune.trace import analysis
+from jaxprune.trace import analysis, rules
 from jaxprune.trace.analysis import Concat, Flatten, is_var, shape
 
 
@@ -135,12 +135,12 @@ def build(
     num_vars = len(paths)
     graph.block_all(jaxpr.constvars, "a constant of the program")
     graph.block_all(jaxpr.invars[num_vars:], "reaches the model's input")
-    analysis.analyse(jaxpr, graph)
+    rules.analyse(jaxpr, graph)
     by_path = {p: i for i, p in enumerate(paths)}
     for (out_path, _), var in zip(out_leaves, jaxpr.outvars, strict=False):
         leaf = _state_leaf(path_names(out_path), by_path)
         if leaf is not None and is_var(var) and shape(var) == shape(jaxpr.invars[leaf]):
-            analysis._tie_all(graph, [jaxpr.invars[leaf]], [var])
+            rules.tie_all(graph, [jaxpr.invars[leaf]], [var])
         else:
             graph.block_all([var], "reaches the model's output")
     graph.propagate_blocks()
