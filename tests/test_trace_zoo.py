@@ -64,7 +64,10 @@ def test_traced_zoo_groups_equal_declared(name, input_shape):
     assert jp.count_params(net) == jp.count_params(arch)
 
 
-@pytest.mark.parametrize("name,input_shape", [("lenet5", None), ("vgg11", (16, 16, 3))])
+@pytest.mark.parametrize(
+    "name,input_shape",
+    [("lenet5", None), pytest.param("vgg11", (16, 16, 3), marks=pytest.mark.slow)],
+)
 def test_traced_gate_gradients_equal_the_zoo_gates(name, input_shape):
     """In a plain ReLU network the gate where a group is contracted and the zoo's gate after
     BatchNorm have the same gradient (relu(g z) = g relu(z), max-pooling commutes with g > 0), so
