@@ -5,6 +5,8 @@ arch = jp.models.create("resnet56", num_classes=10)
 jp.groups(arch)                               # prunable channel groups -> sizes
 arch2, variables2 = jp.prune(arch, variables, keep)
 jp.count_macs(arch2), jp.count_params(arch2)
+net = jp.trace(model.apply, variables, x)     # any Flax model (linen fn or nnx.Module)
+apply2, variables2 = net.prune(variables, keep)
 """
 
 # First, before anything can start a JAX backend (XLA reads its flags then, and starts the
@@ -15,11 +17,13 @@ from jaxprune import checkpoint, importance, methods, models, select, train, wor
 from jaxprune.flops import count_macs, count_params, macs_per_layer, params_per_layer
 from jaxprune.graph import Layer, group_layers, groups, layers
 from jaxprune.surgery import full_keep, prune, prune_like
+from jaxprune.trace import TracedNet, trace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Layer",
+    "TracedNet",
     "allocator",
     "checkpoint",
     "count_macs",
@@ -36,6 +40,7 @@ __all__ = [
     "prune",
     "prune_like",
     "select",
+    "trace",
     "train",
     "workdir",
 ]

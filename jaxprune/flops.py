@@ -52,4 +52,6 @@ def count_macs(arch: Architecture, input_shape: tuple[int, int, int] | None = No
 
 def count_params(arch: Architecture) -> int:
     """Trainable parameters, i.e. the number of scalars in ``variables['params']``."""
+    if hasattr(arch, "count_params"):  # a traced network counts its variables themselves
+        return arch.count_params()
     return sum(params_per_layer(arch).values())

@@ -24,3 +24,15 @@ def test_readme_starts_with_setup_and_test_commands():
     assert lines[0].startswith("./install.sh && ")
     ci = (README.parent / ".ci" / "run").read_text()
     assert "./install.sh" in ci and lines[1] in ci
+
+
+def test_readme_prune_your_own_model_runs():
+    """The "Prune your own model" section (linen and NNX examples) runs on its own."""
+    text = README.read_text()
+    section = text[text.index("## Prune your own model") :]
+    section = section[: section.index("\n## ", 5)]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2 and "nnx" in blocks[1]
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)
