@@ -7,10 +7,8 @@ arch2, variables2 = jp.prune(arch, variables, keep)
 jp.count_macs(arch2), jp.count_params(arch2)
 """
 
-# First, before anything can start a JAX backend (XLA reads its flags then, and starts the
-# threads whose malloc arenas matter): importing these runs their `configure`.
-from jaxprune import allocator  # isort: skip
-from jaxprune.ops import xla_cpu as _xla_cpu  # noqa: F401  # isort: skip
+# Importing jaxprune changes nothing global (no XLA flag, no allocator setting, no C++ library);
+# the CPU speed layer is opt-in: `jaxprune.cpu.enable()`.
 from jaxprune import checkpoint, importance, models, select, train
 from jaxprune.flops import count_macs, count_params, macs_per_layer, params_per_layer
 from jaxprune.graph import Layer, group_layers, groups, layers
@@ -20,7 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Layer",
-    "allocator",
     "checkpoint",
     "count_macs",
     "count_params",
