@@ -43,6 +43,7 @@ __all__ = [
     "describe",
     "disable",
     "enable",
+    "current_planner",
     "enabled",
     "plan_report",
 ]
@@ -125,14 +126,17 @@ def disable() -> None:
 
 
 @contextlib.contextmanager
-def enabled(autotune: bool = False) -> Iterator[CpuBackend]:
-    """Within the block the CPU convolution plan is installed (thresholds unless ``autotune``);
-    the previous backend after it. Process settings are not touched: for tests and benchmarks."""
-    with ops.installed(_backend(Planner(autotune=autotune))) as backend:
+def enabled(autotune: bool | None = False) -> Iterator[CpuBackend]:
+    """Within the block the CPU convolution plan is installed (thresholds unless ``autotune``;
+    None: as `enable` decides), the previous backend after it. Process settings (XLA flag, malloc)
+    are not touched: for tests and benchmarks."""
+    planner = Planner.from_environment(autotune) if autotune is None else Planner(autotune)
+    with ops.installed(_backend(planner)) as backend:
         yield backend
 
 
-def _planner() -> Planner:
+def current_planner() -> Planner:
+    """The installed plan's `jaxprune.cpu.plan.Planner` (its choices so far, tuning seconds)."""
     backend = ops.conv.current()
     if not isinstance(backend, CpuBackend):
         raise RuntimeError("the CPU layer is not enabled: call jaxprune.cpu.enable() first")
@@ -142,7 +146,7 @@ def _planner() -> Planner:
 def plan_report() -> str:
     """The plan so far (every convolution planned in this process: form per direction and why)
     and the seconds spent tuning, as Markdown."""
-    planner = _planner()
+    planner = current_planner()
     head = f"CPU convolution plan ({'tuned' if planner.autotune else 'thresholds'}); "
     head += f"tuning so far: {planner.tuning_s:.1f} s of a {planner.budget_s:.0f} s budget"
     return "\n".join([head, "", *report_lines(planner)])
@@ -154,5 +158,5 @@ def describe(fn: Callable, *args) -> str:
     Traces ``fn`` (tuning what was not tuned yet); pass a plain function (not one already traced
     under `jax.jit`, whose cached trace plans nothing), e.g. ``lambda v, x: model.apply(v, x)``.
     """
-    planner = _planner()
+    planner = current_planner()
     return "\n".join(report_lines(planner, trace_shapes(planner, fn, *args)))

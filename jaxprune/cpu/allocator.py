@@ -6,10 +6,10 @@ fault per 4 KiB page: 233k faults per CIFAR ResNet-56 train step at batch 128; w
 step runs 19-44% faster (RESULTS.md section 3, allocator study). One arena, with large blocks
 served from the heap and the heap never trimmed, keeps the pages: no faults.
 
-`configure` (run by `jaxprune.cpu.enable`, before XLA starts its threads) sets that through ``mallopt`` in the running
-process, the equivalent of starting it with ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1073741824
-MALLOC_TRIM_THRESHOLD_=2147483647``. The price is memory: freed memory stays with the process for
-reuse instead of going back to the system. It does nothing when ``JAXPRUNE_ALLOCATOR=system``,
+`configure` (run by `jaxprune.cpu.enable`, before XLA starts its threads) sets that through
+``mallopt`` in the running process, the equivalent of starting it with ``MALLOC_ARENA_MAX=1
+MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647``. The price is memory: freed
+memory stays with the process for reuse instead of going back to the system. It does nothing when ``JAXPRUNE_ALLOCATOR=system``,
 when the user set any ``MALLOC_*`` variable or a ``glibc.malloc`` tunable (theirs are kept), when
 another allocator is preloaded (the ``jaxprune`` command runs under tcmalloc, which keeps freed
 memory itself), when the C library is not glibc, or when JAX will compute on an accelerator

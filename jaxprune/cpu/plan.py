@@ -277,7 +277,8 @@ class BoundPlan:
 
 def report_lines(planner: Planner, shapes: Iterator[ConvShape] | None = None) -> list[str]:
     """A Markdown table: each shape's form per direction and why (``tuned`` / ``cached`` /
-    ``threshold``), the measured milliseconds per call of each candidate where measured."""
+    ``threshold``), the measured milliseconds per call of each candidate where measured; ``-`` for
+    a direction never traced (an inference-only shape's gradients)."""
     if shapes is None:
         shapes = list(dict.fromkeys(shape for shape, _ in planner.choices))
     lines = [
@@ -287,9 +288,13 @@ def report_lines(planner: Planner, shapes: Iterator[ConvShape] | None = None) ->
     for shape in shapes:
         cells = []
         for direction in DIRECTIONS:
-            choice = planner.choose(shape, direction)
+            choice = planner.choices.get((shape, direction))
+            if choice is None:  # never traced (e.g. no gradient taken): not chosen
+                cells.append("-")
+                continue
             times = ", ".join(f"{f} {1e3 * s:.2f}" for f, s in choice.seconds)
-            cells.append(f"**{choice.form}** ({choice.reason}" + (f"; ms: {times})" if times else ")"))
+            measured = f"; ms: {times}" if times else ""
+            cells.append(f"**{choice.form}** ({choice.reason}{measured})")
         lines.append(f"| {shape.name} | " + " | ".join(cells) + " |")
     return lines
 

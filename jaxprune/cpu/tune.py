@@ -113,7 +113,11 @@ def _program(shape, direction: conv.Direction, form: conv.Form):
         return jax.jit(lambda x, k, dy: conv.forward(x, k, s, p, form))
     if direction == "input_grad":
         return jax.jit(lambda x, k, dy: jax.vjp(lambda a: conv.forward(a, k, s, p, form), x)[1](dy))
-    return jax.jit(lambda x, k, dy: jax.vjp(lambda b: conv.kernel_linear(x, b, s, p, form), k)[1](dy))
+
+    def kernel_grad(x, k, dy):
+        return jax.vjp(lambda b: conv.kernel_linear(x, b, s, p, form), k)[1](dy)
+
+    return jax.jit(kernel_grad)
 
 
 def measure(shape, direction: conv.Direction, forms) -> dict[str, float]:

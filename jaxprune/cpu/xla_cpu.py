@@ -44,8 +44,7 @@ def _jaxlib_major_minor() -> tuple[int, int]:
 
 
 def backend_started() -> bool:
-    """Whether a JAX backend already started (it then read ``XLA_FLAGS`` and started its threads).
-    """
+    """Whether a JAX backend started (then it has read ``XLA_FLAGS`` and started its threads)."""
     from jax._src import xla_bridge  # private: kept inside jaxprune.cpu
 
     return bool(xla_bridge._backends)
@@ -72,9 +71,7 @@ def _turns_convolutions_off(value: str) -> bool:
     return "individual_convolution" not in items
 
 
-def flag_applies(
-    environ: Mapping[str, str], jaxlib_version: tuple[int, int] | None = None
-) -> bool:
+def flag_applies(environ: Mapping[str, str], jaxlib_version: tuple[int, int] | None = None) -> bool:
     """Whether `configure` would append FLAG before a backend starts: the user set neither FLAG
     nor ``JAXPRUNE_XLA_CPU_FLAGS=0``, and jaxlib is one where FLAG was measured."""
     return (
@@ -125,4 +122,3 @@ def materialize(x: jax.Array) -> jax.Array:
     first = lax.stop_gradient(x.reshape(-1)[0])
     one = 1 + 0 * (first > 0).astype(x.dtype)  # exactly 1 for every value of `first`, NaN too
     return x / one
-
