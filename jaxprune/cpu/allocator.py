@@ -9,13 +9,13 @@ served from the heap and the heap never trimmed, keeps the pages: no faults.
 `configure` (run by `jaxprune.cpu.enable`, before XLA starts its threads) sets that through
 ``mallopt`` in the running process, the equivalent of starting it with ``MALLOC_ARENA_MAX=1
 MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647``. The price is memory: freed
-memory stays with the process for reuse instead of going back to the system. It does nothing when ``JAXPRUNE_ALLOCATOR=system``,
-when the user set any ``MALLOC_*`` variable or a ``glibc.malloc`` tunable (theirs are kept), when
-another allocator is preloaded (the ``jaxprune`` command runs under tcmalloc, which keeps freed
-memory itself), when the C library is not glibc, or when JAX will compute on an accelerator
-(``JAX_PLATFORMS`` names another platform first, or, unset, a GPU/TPU plugin is installed): there
-the step's buffers live on the device, and one arena could slow a threaded input pipeline on the
-host. Only the speed changes, never a result.
+memory stays with the process for reuse instead of going back to the system. It does nothing when
+``JAXPRUNE_ALLOCATOR=system``, when the user set any ``MALLOC_*`` variable or a ``glibc.malloc``
+tunable (theirs are kept), when another allocator is preloaded (the ``jaxprune`` command runs under
+tcmalloc, which keeps freed memory itself), when the C library is not glibc, or when JAX will
+compute on an accelerator (``JAX_PLATFORMS`` names another platform first, or, unset, a GPU/TPU
+plugin is installed): there the step's buffers live on the device, and one arena could slow a
+threaded input pipeline on the host. Only the speed changes, never a result.
 """
 
 import ctypes
