@@ -11,18 +11,20 @@ import jaxprune.cpu
 from jaxprune import ops
 from jaxprune.cpu import allocator, xla_cpu
 
-# A model's forward and backward pass after a plain ``import jaxprune``; printed as JSON: whether
+# A ResNet's forward and backward pass after a plain ``import jaxprune``; printed as JSON: whether
 # XLA_FLAGS changed, the jaxprune.cpu modules loaded, the jaxprune/oneDNN libraries mapped.
 IMPORT_PROBE = """
 import json, os, sys
 before = os.environ.get("XLA_FLAGS")
 import jax, jax.numpy as jnp
 import jaxprune as jp
-arch = jp.models.create("resnet20")
+arch = jp.models.ResNetArch(  # a toy ResNet: convolutions, strides, projection, materialize
+    block="basic", stem="cifar", stem_width=4, stage_widths=(4, 6), inner_widths=(((3,),), ((5,),)),
+    strides=(1, 2), projections=(False, True), input_shape=(8, 8, 3), name="tiny")
 model = arch.module()
 x = jnp.ones((2, *arch.input_shape))
-variables = model.init(jax.random.key(0), x, train=False)
-jax.grad(lambda p: model.apply({**variables, "params": p}, x, train=False).sum())(
+variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+jax.jit(jax.grad(lambda p: model.apply({**variables, "params": p}, x, train=False).sum()))(
     variables["params"])
 maps = open("/proc/self/maps").read().splitlines()
 print(json.dumps({
@@ -46,10 +48,8 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_import_jaxprune_changes_nothing_in_the_process():
-    for xla_flags in ("", "--xla_cpu_enable_fast_math=false"):
-        env = {"XLA_FLAGS": xla_flags} if xla_flags else {}
-        record = json.loads(_run(IMPORT_PROBE, **env).stdout)
-        assert record == {"xla_flags_unchanged": True, "cpu_modules": [], "libraries": []}
+    record = json.loads(_run(IMPORT_PROBE).stdout)  # XLA_FLAGS unset: it stays unset
+    assert record == {"xla_flags_unchanged": True, "cpu_modules": [], "libraries": []}
 
 
 ENABLE_PROBE = """
