@@ -569,6 +569,7 @@ def test_winograd_refuses_what_it_cannot_compute():
 # Tuning.
 
 
+@pytest.mark.slow  # compiles and times 14 candidates (34 s on a loaded 2-core machine)
 def test_tuning_measures_once_caches_on_disk_and_computes_lax_conv(tmp_path, monkeypatch):
     monkeypatch.setenv(onednn.CACHE_ENV_VAR, str(tmp_path))
     monkeypatch.setattr(plan, "MIN_TUNED_MACS", 0)  # tune even this tiny shape
@@ -619,4 +620,5 @@ def test_describe_lists_each_convolution_and_its_forms(layer):
     rows = table.splitlines()[2:]
     # ResNet-20's distinct shapes: stem, 3 stages' 3x3, 2 strided 3x3 and 2 projections.
     assert len(rows) == 8
-    assert all(row.count("(threshold") == 3 for row in rows)
+    # Inference traces the forward pass only: the gradients' forms are never chosen.
+    assert all(row.count("(threshold)") == 1 and row.endswith("| - | - |") for row in rows)

@@ -97,6 +97,7 @@ print(jaxprune.cpu.xla_cpu.ynn_convolutions_off(), float(jax.jit(kernel_grad)(x,
 """
 
 
+@pytest.mark.slow  # two fresh processes, each compiling a convolution
 def test_enable_sets_the_flag_in_a_fresh_process_and_xla_accepts_it():
     # XLA aborts the process on a flag it does not know: this runs a convolution under it. On a
     # jaxlib the flag was not measured with, enable() leaves XLA_FLAGS alone.
