@@ -140,9 +140,18 @@ def threshold_forms(
 
 
 def candidates(shape: ConvShape, direction: Direction) -> tuple[Form, ...]:
-    """The forms that can compute ``direction`` of ``shape`` in this process."""
+    """The forms that can compute ``direction`` of ``shape`` in this process (and are worth
+    timing)."""
     kh, kw = shape.kernel_shape[:2]
-    forms: list[Form] = ["xla", "im2col"]
+    _, h, w, _ = shape.x_shape
+    pixels = conv.out_size(h, kh, shape.stride, shape.padding) * conv.out_size(
+        w, kw, shape.stride, shape.padding
+    )
+    # XLA's convolution at the smallest maps is 2x-400x slower than any other form (seconds per
+    # call at VGG-16's 2x2 layers): not worth a measurement, except for the kernel gradient.
+    forms: list[Form] = ["im2col"]
+    if direction == "kernel_grad" or pixels > _IM2COL_MAX_PIXELS:
+        forms.insert(0, "xla")
     if direction == "kernel_grad" and shape.stride == 1 and kh * kw > 1:
         forms.append("rowshift")
     if _onednn_runs(shape):

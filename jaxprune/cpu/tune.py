@@ -1,11 +1,12 @@
 """Measuring a convolution's forms on this machine, and the on-disk cache of the results.
 
-A measurement compiles each candidate form of one direction for one exact shape (batch included)
-as a small jitted program, runs it once to warm up, then times it up to `MAX_REPS` times and keeps
-the fastest run; a candidate already 1.5x slower than the best one so far stops after one timed
-run. The results are kept in ``$JAXPRUNE_CACHE_DIR/cpu-plan-<key>.json`` (beside the oneDNN
-library), one file per machine key (`machine_key`: CPU model and flags, threads, jaxlib, the oneDNN
-source, the XLA:CPU flag), written atomically (a temporary file renamed over it).
+A measurement compiles each candidate form of one direction for one exact shape (batch included) as
+a small jitted program, runs it once to warm up, then times it up to `MAX_REPS` times and keeps the
+fastest run; a candidate already `LOSER_FACTOR` times slower than the best one so far stops there
+(its warm-up run, when that one is, counts as its time). The results are kept in
+``$JAXPRUNE_CACHE_DIR/cpu-plan-<key>.json`` (beside the oneDNN library), one file per machine key
+(`machine_key`: CPU model and flags, threads, jaxlib, the oneDNN source, the XLA:CPU flag), written
+atomically (a temporary file renamed over it).
 """
 
 import datetime
@@ -130,13 +131,18 @@ def measure(shape, direction: conv.Direction, forms) -> dict[str, float]:
     with jax.ensure_compile_time_eval():
         args = _operands(shape, np.dtype(shape.dtype))
         for form in forms:
+            best_so_far = min(seconds.values(), default=float("inf"))
             try:
                 compiled = _program(shape, direction, form).lower(*args).compile()
+                start = time.perf_counter()
                 jax.block_until_ready(compiled(*args))
+                first = time.perf_counter() - start
             except Exception:  # noqa: BLE001 - a candidate that cannot run is not chosen
                 seconds[form] = float("inf")
                 continue
-            best_so_far = min(seconds.values(), default=float("inf"))
+            if first > LOSER_FACTOR * best_so_far:  # already lost, warm or not: no second run
+                seconds[form] = first
+                continue
             fastest = float("inf")
             for _ in range(MAX_REPS):
                 start = time.perf_counter()
