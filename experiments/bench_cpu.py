@@ -65,12 +65,9 @@ except ImportError:  # PyTorch is optional: the JAX numbers are still measured
     torch = None
 
 
-def jax_impls() -> tuple[str, ...]:
-    """The conv implementations timed: ``onednn`` (oneDNN's direct convolution) where the system's
-    oneDNN is there; ``auto`` is the CPU layer's plan (oneDNN, Winograd, XLA or dots)."""
-    return ("xla", "matmul", "onednn", "auto") if onednn.available() else ("xla", "matmul", "auto")
-
-
+# "onednn" (oneDNN's direct convolution) where the system's oneDNN is there (jaxprune.cpu.onednn;
+# loading it starts no JAX backend); "auto" is the CPU layer's plan (oneDNN, Winograd, XLA, dots).
+JAX_IMPLS = ("xla", "matmul", "onednn", "auto") if onednn.available() else ("xla", "matmul", "auto")
 MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483648"}
 # glibc's documented maximum for the mmap threshold (32 MiB on 64-bit), for comparison.
 MALLOC_KEEP_32M = {**MALLOC_KEEP, "MALLOC_MMAP_THRESHOLD_": "33554432"}
@@ -239,11 +236,10 @@ def bench_conv(shape: tuple, batch: int, rounds: int, min_round_s: float) -> dic
         "padding": padding,
         "gflops": {},
     }
-    impls = jax_impls()
-    fns = {impl: _jax_conv_fns(impl, stride, padding) for impl in impls}
+    fns = {impl: _jax_conv_fns(impl, stride, padding) for impl in JAX_IMPLS}
     torch_fns = _torch_conv_fns(x, kernel, dy, stride, padding) if torch is not None else {}
     for direction in ("forward", "input_grad", "kernel_grad"):
-        runners = {impl: _jax_runner(fns[impl][direction], x, kernel, dy) for impl in impls}
+        runners = {impl: _jax_runner(fns[impl][direction], x, kernel, dy) for impl in JAX_IMPLS}
         if torch_fns:
             runners["torch"] = _torch_runner(torch_fns[direction])
         times = interleaved(runners, rounds, min_round_s)
