@@ -569,6 +569,15 @@ def markdown_report(result: dict) -> str:
                     row += [f"{v['images_per_s']:.1f}", vs, share, f"{v['minflt_per_call']:.0f}"]
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+        if "train/torch" in entry and "pruned_r8_infer/auto" in entry:
+            r8 = entry["pruned_r8_infer/auto"]
+            lines += [
+                f"Goals (`auto`): train {entry['train/auto']['vs_torch']:.2f}x and infer "
+                f"{entry['infer/auto']['vs_torch']:.2f}x PyTorch (>= 1.0); round_to=8 cut infers "
+                f"{r8['speedup']:.2f}x faster, {r8['speedup_over_macs_ratio']:.2f} of its MACs "
+                "ratio (>= 0.85).",
+                "",
+            ]
         if "tuning_s" in entry:
             tuning = ", ".join(
                 f"{p.rstrip('_') or 'original'} {entry[p + 'tuning_s']:.1f} s" for p in prefixes
