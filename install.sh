@@ -2,7 +2,7 @@
 # Sets up jaxprune on a fresh Debian/Ubuntu machine: the real Fashion-MNIST (Debian package
 # dataset-fashion-mnist, the built-in default dataset), tcmalloc (libtcmalloc-minimal4, which the
 # `jaxprune` command runs under: 13-26% faster on CPU, RESULTS.md section 3), oneDNN's headers and
-# library (libdnnl-dev: jaxprune's CPU convolutions, jaxprune.ops.onednn), a C++ compiler, and a
+# library (libdnnl-dev: jaxprune's CPU convolutions, jaxprune.cpu.onednn), a C++ compiler, and a
 # virtualenv .venv with jaxprune in it; then it compiles jaxprune's oneDNN library ahead of use.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,5 +20,5 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
-.venv/bin/python -m jaxprune.ops.onednn
+.venv/bin/python -m jaxprune.cpu.onednn
 echo "jaxprune installed in .venv ($(.venv/bin/python -c 'import jax; print("jax", jax.__version__)'))"

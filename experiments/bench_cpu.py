@@ -9,18 +9,24 @@ Sections (all in one JSON file):
   conv_ops   every convolution shape of CIFAR ResNet-56 and VGG-16 (batch 128): forward, input
              gradient and kernel gradient in GFLOP/s for ``conv2d(impl="xla" | "matmul" | "onednn" |
              "auto")``
-             and PyTorch (channels_last, oneDNN). ``xla`` is XLA's own convolution when ``import
-             jaxprune`` could turn YNNPACK's off (``meta.ynn_convolutions_off``), else YNNPACK's.
+             and PyTorch (channels_last, oneDNN). ``xla`` is XLA's own convolution when
+             ``jaxprune.cpu.enable()`` could turn YNNPACK's off (``meta.ynn_convolutions_off``),
+             else YNNPACK's.
   models     train step (SGD with momentum, batch 128) and inference (batch 256) in images/s and
              minor page faults per call, for ``impl="xla"``, ``"auto"`` and PyTorch eager
              channels_last, of the network and of its uniform 50%-MACs cuts with ``round_to`` 1
-             and 8 (realized speed-up against the MACs speed-up).
+             and 8 (realized speed-up against the MACs speed-up). ``auto`` is the CPU layer's
+             plan, tuned on this machine unless ``JAXPRUNE_CPU_AUTOTUNE=0``: the seconds spent
+             tuning while compiling each network (``tuning_s``, zero when the plan cache in
+             ``$JAXPRUNE_CACHE_DIR`` already holds its shapes) and the plan (``plan``) are kept.
   malloc     the ``auto`` models and PyTorch's again in one child process per allocator setting
              (the environment must be set before the process starts): glibc's defaults
-             (``JAXPRUNE_ALLOCATOR=system``), glibc as ``import jaxprune`` sets it, glibc told to
-             keep freed memory by MALLOC_* variables, and jemalloc or tcmalloc preloaded where
-             installed; images/s and page faults per step (``--malloc-settings`` picks some).
-             The other sections run with the allocator ``import jaxprune`` leaves (``meta``).
+             (``JAXPRUNE_ALLOCATOR=system``), glibc as ``jaxprune.cpu.enable()`` sets it, glibc
+             told to keep freed memory by MALLOC_* variables, and jemalloc or tcmalloc preloaded
+             where installed; images/s and page faults per step (``--malloc-settings`` picks some).
+             The other sections run with the allocator ``jaxprune.cpu.enable()`` leaves (``meta``).
+
+The script turns jaxprune's CPU layer on (``jaxprune.cpu.enable()``) before any JAX computation.
 
 Timings are medians over rounds that alternate between the variants (A, B, C, A, B, C, ...), so a
 neighbour's load on a shared machine hits every variant alike; ratios within one process are the
@@ -46,8 +52,10 @@ import numpy as np
 import optax
 
 import jaxprune as jp
-from jaxprune.ops import onednn, xla_cpu
-from jaxprune.ops.conv import conv2d, conv_impl
+import jaxprune.cpu
+from jaxprune.cpu import allocator, onednn, xla_cpu
+from jaxprune.cpu.plan import report_lines
+from jaxprune.ops import conv2d, conv_impl
 
 try:
     import torch
@@ -56,18 +64,19 @@ try:
 except ImportError:  # PyTorch is optional: the JAX numbers are still measured
     torch = None
 
-# "onednn" (oneDNN's direct convolution) where the system's oneDNN is there (jaxprune.ops.onednn);
-# "auto" uses it per shape, and its Winograd form for the 3x3 stride-1 layers from 24 channels.
+
+# "onednn" (oneDNN's direct convolution) where the system's oneDNN is there (jaxprune.cpu.onednn;
+# loading it starts no JAX backend); "auto" is the CPU layer's plan (oneDNN, Winograd, XLA, dots).
 JAX_IMPLS = ("xla", "matmul", "onednn", "auto") if onednn.available() else ("xla", "matmul", "auto")
 MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483648"}
 # glibc's documented maximum for the mmap threshold (32 MiB on 64-bit), for comparison.
 MALLOC_KEEP_32M = {**MALLOC_KEEP, "MALLOC_MMAP_THRESHOLD_": "33554432"}
 _LIBDIR = "/usr/lib/x86_64-linux-gnu"
 MALLOC_CONFIGS = {
-    # glibc's own defaults: jaxprune.allocator told to leave malloc alone.
-    "default": {jp.allocator.ALLOCATOR_ENV: "system"},
-    # What ``import jaxprune`` sets through mallopt (jaxprune.allocator): one arena, kept memory.
-    "jaxprune_import": {},
+    # glibc's own defaults: jaxprune.cpu.allocator told to leave malloc alone.
+    "default": {allocator.ALLOCATOR_ENV: "system"},
+    # What jaxprune.cpu.enable() sets through mallopt (jaxprune.cpu.allocator): one arena.
+    "jaxprune_enable": {},
     "keep_freed": MALLOC_KEEP,
     # XLA runs on worker threads; glibc caps a thread arena's heap at 64 MiB and serves anything
     # larger with a fresh mmap whatever the threshold, so only one (main) arena keeps it all.
@@ -342,8 +351,13 @@ def bench_models(models, batch, infer_batch, rounds, min_round_s, impls, with_to
         arch = model_arch(name)
         archs = pruned_archs(arch) if prune else {"": (arch, jp.count_macs(arch))}
         runners, extra = {}, {}
+        planner = jaxprune.cpu.current_planner()
         for prefix, (a, macs) in archs.items():
-            jax_runners = _jax_model_runners(a, impls, batch, infer_batch)
+            tuned_before = planner.tuning_s
+            with planner.recording() as shapes:  # what "auto" plans while compiling
+                jax_runners = _jax_model_runners(a, impls, batch, infer_batch)
+            extra[prefix + "tuning_s"] = planner.tuning_s - tuned_before
+            extra[prefix + "plan"] = report_lines(planner, shapes)
             runners |= {prefix + k: v for k, v in jax_runners.items()}
             extra[prefix + "macs"] = macs
             if with_torch:
@@ -482,7 +496,7 @@ def _child_malloc(args, settings) -> dict:
     """Runs the ``auto`` models and PyTorch's in a child process per malloc configuration."""
     results = {}
     # Each child gets only its setting's allocator variables on top of ours.
-    ours = jp.allocator.without_allocator_settings(os.environ)
+    ours = allocator.without_allocator_settings(os.environ)
     chosen = args.malloc_settings.split(",") if args.malloc_settings else list(MALLOC_CONFIGS)
     for label in chosen:
         env = MALLOC_CONFIGS[label]
@@ -510,7 +524,9 @@ def _meta() -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "ynn_convolutions_off": xla_cpu.ynn_convolutions_off(),
         "onednn": onednn.version() if onednn.available() else onednn.unavailable_reason(),
-        "glibc_tuned_by_import": jp.allocator.glibc_tuned(),
+        "glibc_tuned_by_enable": allocator.glibc_tuned(),
+        "cpu_model": jaxprune.cpu.tune.machine_key()["cpu"],
+        "autotune": jaxprune.cpu.current_planner().autotune,
         "backend": jax.default_backend(),
         "note": "variants interleaved in one process: compare ratios within one run",
     }
@@ -553,6 +569,21 @@ def markdown_report(result: dict) -> str:
                     row += [f"{v['images_per_s']:.1f}", vs, share, f"{v['minflt_per_call']:.0f}"]
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+        if "train/torch" in entry and "pruned_r8_infer/auto" in entry:
+            r8 = entry["pruned_r8_infer/auto"]
+            lines += [
+                f"Goals (`auto`): train {entry['train/auto']['vs_torch']:.2f}x and infer "
+                f"{entry['infer/auto']['vs_torch']:.2f}x PyTorch (>= 1.0); round_to=8 cut infers "
+                f"{r8['speedup']:.2f}x faster, {r8['speedup_over_macs_ratio']:.2f} of its MACs "
+                "ratio (>= 0.85).",
+                "",
+            ]
+        if "tuning_s" in entry:
+            tuning = ", ".join(
+                f"{p.rstrip('_') or 'original'} {entry[p + 'tuning_s']:.1f} s" for p in prefixes
+            )
+            lines += [f"Tuning the `auto` plan while compiling (train, inference): {tuning}.", ""]
+            lines += [f"`auto` plan of the original {model}:", "", *entry["plan"], ""]
     if result["conv_ops"]:
         backends = list(next(iter(result["conv_ops"].values()))[0]["gflops"]["forward"])
         head = " | ".join(f"{d} {b}" for d in ("fwd", "in-grad", "k-grad") for b in backends)
@@ -625,6 +656,11 @@ def main(argv=None) -> dict:
             result = json.load(f)
         print(markdown_report(result))
         return result
+    with jaxprune.cpu.enabled(autotune=None):  # the plan as `enable` has it, for this call
+        return _run(args, parser)
+
+
+def _run(args, parser) -> dict:
     s = _settings(args.mode)
     if args.models:
         s["models"] = args.models
@@ -665,4 +701,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    jaxprune.cpu.enable()  # the XLA:CPU flag and malloc settings: before any JAX computation
     main()

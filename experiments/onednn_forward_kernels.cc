@@ -1,6 +1,6 @@
 // oneDNN's forward kernel against its backward-data kernel on the same 3x3, stride-1, padding-1
 // forward convolution (NHWC, float32, batch 128), the measurement behind RunsAsBackwardData in
-// jaxprune/ops/_onednn/conv.cc: a forward convolution from C_in to C_out channels equals the input
+// jaxprune/cpu/_onednn/conv.cc: a forward convolution from C_in to C_out channels equals the input
 // gradient of the convolution from C_out to C_in with the window flipped, so the backward-data
 // primitive can compute it (the weights' layout aside, which does not change the time).
 //

@@ -23,7 +23,8 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxprune.ops import conv2d, onednn  # noqa: E402
+from jaxprune.cpu import onednn  # noqa: E402
+from jaxprune.ops import conv2d  # noqa: E402
 
 # (C_in, C_out, pixels per side): 3x3, stride 1, padding 1.
 SHAPES = [(16, 16, 32), (32, 32, 16), (64, 64, 8), (64, 64, 32), (256, 256, 8), (512, 512, 4)]

@@ -9,10 +9,8 @@ net = jp.trace(model.apply, variables, x)     # any Flax model (linen fn or nnx.
 apply2, variables2 = net.prune(variables, keep)
 """
 
-# First, before anything can start a JAX backend (XLA reads its flags then, and starts the
-# threads whose malloc arenas matter): importing these runs their `configure`.
-from jaxprune import allocator  # isort: skip
-from jaxprune.ops import xla_cpu as _xla_cpu  # noqa: F401  # isort: skip
+# Importing jaxprune changes nothing global (no XLA flag, no allocator setting, no C++ library);
+# the CPU speed layer is opt-in: `jaxprune.cpu.enable()`.
 from jaxprune import checkpoint, importance, methods, models, select, train, workdir
 from jaxprune.flops import count_macs, count_params, macs_per_layer, params_per_layer
 from jaxprune.graph import Layer, group_layers, groups, layers
@@ -24,7 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Layer",
     "TracedNet",
-    "allocator",
     "checkpoint",
     "count_macs",
     "count_params",

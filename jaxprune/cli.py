@@ -477,6 +477,9 @@ def error_line(error: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     """Runs one command; exits with status 1 (user error), 2 (usage) or 130 (interrupted)."""
     args = build_parser().parse_args(argv)
+    from jaxprune import cpu  # the opt-in CPU speed layer; before any JAX computation
+
+    cpu.enable()
     # Orbax and JAX log routine warnings through absl; the command's own output says what matters.
     logging.getLogger("absl").setLevel(logging.ERROR)
     prog = f"jaxprune {args.command}"

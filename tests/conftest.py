@@ -1,5 +1,7 @@
 """Shared fixtures: random, non-trivial variables for any architecture."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,15 @@ import jaxprune as jp
 # f32 convolutions and dots run in TF32 (10-bit mantissa), which those tolerances reject (seen on
 # an H100: RESULTS.md section 4); on CPU this is already the behaviour.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The CPU speed layer: its plan takes the thresholds in tests (and in the commands they run), not
+# measurements, unless a test tunes on purpose. The suite runs with the layer off (the library's
+# default) and, under JAXPRUNE_TEST_CPU_LAYER=1, with it on as the `jaxprune` command has it.
+os.environ.setdefault("JAXPRUNE_CPU_AUTOTUNE", "0")
+if os.environ.get("JAXPRUNE_TEST_CPU_LAYER") == "1":
+    import jaxprune.cpu
+
+    jaxprune.cpu.enable()
 
 SMALL_INPUT = {
     "resnet18": (64, 64, 3),

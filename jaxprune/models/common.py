@@ -19,8 +19,9 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 class Conv(nn.Module):
     """Square convolution, NHWC input, HWIO kernel ``kernel`` and optional ``bias``.
 
-    Parameters are float32; the computation runs in ``dtype``. The convolution itself is
-    `jaxprune.ops.conv2d`, which picks the fastest implementation for the backend.
+    Parameters are float32; the computation runs in ``dtype``. The convolution itself is the seam
+    `jaxprune.ops.conv2d`: `lax.conv_general_dilated`, or the CPU layer's plan once
+    ``jaxprune.cpu.enable()`` ran.
     """
 
     features: int

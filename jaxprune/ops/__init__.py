@@ -1,8 +1,7 @@
-"""Low-level array operations used by the models: the convolution with a per-backend fast path,
-and the XLA:CPU settings and workarounds (`xla_cpu`)."""
+"""The operations the models call, behind one backend-neutral seam: `conv2d` (plain
+`lax.conv_general_dilated` unless a speed layer such as `jaxprune.cpu` is enabled) and
+`materialize` (the identity)."""
 
-from jaxprune.ops import xla_cpu
-from jaxprune.ops.conv import conv2d, conv_impl
-from jaxprune.ops.xla_cpu import materialize
+from jaxprune.ops.conv import Backend, ConvImpl, conv2d, conv_impl, install, installed, materialize
 
-__all__ = ["conv2d", "conv_impl", "materialize", "xla_cpu"]
+__all__ = ["Backend", "ConvImpl", "conv2d", "conv_impl", "install", "installed", "materialize"]

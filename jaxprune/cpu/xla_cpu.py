@@ -6,12 +6,12 @@ layers, where XLA's own (Eigen) convolution runs at 13-132 (experiments/bench_cp
 section 3). Removing only the ``individual_convolution`` type from
 ``--xla_cpu_experimental_ynn_fusion_type`` keeps YNNPACK's other fusions (dots, elementwise).
 
-XLA reads ``XLA_FLAGS`` once, when the first backend starts, so `configure` (run when this
-module is imported, i.e. on ``import jaxprune``) can only act before any JAX computation ran. It
+XLA reads ``XLA_FLAGS`` once, when the first backend starts, so `configure` (run by
+`jaxprune.cpu.enable`) can only act before any JAX computation ran. It
 appends the flag to ``XLA_FLAGS`` unless: ``JAXPRUNE_XLA_CPU_FLAGS=0`` is set, the user's
 ``XLA_FLAGS`` already set that flag (theirs is kept), the jaxlib version is not one where the flag
 was measured (an unknown flag aborts the process), or a backend already started. Results never
-depend on it: the CPU convolution plan (`jaxprune.ops.conv`) asks `ynn_convolutions_off` and
+depend on it: the CPU convolution plan (`jaxprune.cpu.plan`) asks `ynn_convolutions_off` and
 picks the fastest form for either setting. The flag only concerns CPU compilations; GPU and TPU
 ignore it.
 
@@ -23,7 +23,7 @@ than its convolutions alone. `materialize` marks a value XLA must read from memo
 """
 
 import os
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 import jax
 import jaxlib
@@ -43,8 +43,9 @@ def _jaxlib_major_minor() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def _backend_started() -> bool:
-    from jax._src import xla_bridge
+def backend_started() -> bool:
+    """Whether a JAX backend started (then it has read ``XLA_FLAGS`` and started its threads)."""
+    from jax._src import xla_bridge  # private: kept inside jaxprune.cpu
 
     return bool(xla_bridge._backends)
 
@@ -70,6 +71,16 @@ def _turns_convolutions_off(value: str) -> bool:
     return "individual_convolution" not in items
 
 
+def flag_applies(environ: Mapping[str, str], jaxlib_version: tuple[int, int] | None = None) -> bool:
+    """Whether `configure` would append FLAG before a backend starts: the user set neither FLAG
+    nor ``JAXPRUNE_XLA_CPU_FLAGS=0``, and jaxlib is one where FLAG was measured."""
+    return (
+        _user_value(environ.get("XLA_FLAGS", "")) is None
+        and environ.get(OPT_OUT_ENV, "1") != "0"
+        and (jaxlib_version or _jaxlib_major_minor()) in TESTED_JAXLIB
+    )
+
+
 def configure(
     environ: MutableMapping[str, str] = os.environ,
     *,
@@ -81,13 +92,11 @@ def configure(
     Returns (and records for `ynn_convolutions_off`) whether they are off for this process.
     """
     xla_flags = environ.get("XLA_FLAGS", "")
-    started = _backend_started() if backend_started is None else backend_started
+    started = backend_started() if backend_started is None else backend_started
     user_value = _user_value(xla_flags)
     if user_value is not None:
         off = _turns_convolutions_off(user_value)
-    elif environ.get(OPT_OUT_ENV, "1") == "0" or started:
-        off = False
-    elif (jaxlib_version or _jaxlib_major_minor()) not in TESTED_JAXLIB:
+    elif started or not flag_applies(environ, jaxlib_version):
         off = False
     else:
         environ["XLA_FLAGS"] = f"{xla_flags} {FLAG}={VALUE}".strip()
@@ -113,7 +122,3 @@ def materialize(x: jax.Array) -> jax.Array:
     first = lax.stop_gradient(x.reshape(-1)[0])
     one = 1 + 0 * (first > 0).astype(x.dtype)  # exactly 1 for every value of `first`, NaN too
     return x / one
-
-
-# On import: before anything in jaxprune can start a backend.
-configure()

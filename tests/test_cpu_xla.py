@@ -1,5 +1,6 @@
-"""`jaxprune.ops.xla_cpu`: the XLA:CPU flag set on import (and when it is not), and `materialize`,
-which keeps XLA:CPU from recomputing a residual stream inside every backward fusion."""
+"""`jaxprune.cpu.xla_cpu`: the XLA:CPU flag `jaxprune.cpu.enable()` sets (and when it does not),
+and `materialize`, which keeps XLA:CPU from recomputing a residual stream inside every backward
+fusion."""
 
 import dataclasses
 import os
@@ -14,8 +15,10 @@ import optax
 import pytest
 
 import jaxprune as jp
+import jaxprune.cpu
+from jaxprune.cpu import xla_cpu
+from jaxprune.cpu.xla_cpu import materialize
 from jaxprune.models import resnet
-from jaxprune.ops import materialize, xla_cpu
 
 FLAG = f"{xla_cpu.FLAG}={xla_cpu.VALUE}"
 
@@ -83,19 +86,21 @@ def _fresh_process(code, **env):
 
 
 PROBE = """
-import os, jax, jax.numpy as jnp, jaxprune
+import os, jax, jax.numpy as jnp, jaxprune.cpu
+jaxprune.cpu.enable()
 def kernel_grad(x, w):
     return jax.grad(lambda w: jnp.sum(jax.lax.conv_general_dilated(
         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2))(w)
 x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
-print(jaxprune.ops.xla_cpu.ynn_convolutions_off(), float(jax.jit(kernel_grad)(x, w).sum()),
+print(jaxprune.cpu.xla_cpu.ynn_convolutions_off(), float(jax.jit(kernel_grad)(x, w).sum()),
       os.environ.get("XLA_FLAGS", "-").replace(" ", ","))
 """
 
 
-def test_import_sets_the_flag_in_a_fresh_process_and_xla_accepts_it():
+@pytest.mark.slow  # two fresh processes, each compiling a convolution
+def test_enable_sets_the_flag_in_a_fresh_process_and_xla_accepts_it():
     # XLA aborts the process on a flag it does not know: this runs a convolution under it. On a
-    # jaxlib the flag was not measured with, import leaves XLA_FLAGS alone.
+    # jaxlib the flag was not measured with, enable() leaves XLA_FLAGS alone.
     opted_out = _fresh_process(PROBE, **{xla_cpu.OPT_OUT_ENV: "0"})
     tested = xla_cpu._jaxlib_major_minor() in xla_cpu.TESTED_JAXLIB
     expected = ["True", opted_out[1], FLAG] if tested else ["False", opted_out[1], "-"]
@@ -144,6 +149,7 @@ def _largest_fusion(arch):
     return max(len(re.findall(r"%[\w.-]+", operands)) for operands in fusions)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="materialize acts on XLA:CPU only")
 def test_resnet_backward_reads_the_residual_stream_instead_of_recomputing_it(monkeypatch):
     # ResNet-56's graph (9 blocks a stage) at widths 4/8/16 (fusion choices depend on the graph,
@@ -156,9 +162,10 @@ def test_resnet_backward_reads_the_residual_stream_instead_of_recomputing_it(mon
         stage_widths=widths,
         inner_widths=tuple(((w,),) * 9 for w in widths),
     )
-    with_materialize = _largest_fusion(arch)
-    monkeypatch.setattr(resnet, "materialize", lambda x: x)
-    without = _largest_fusion(arch)
+    with jaxprune.cpu.enabled():  # the models' `materialize` is the layer's
+        with_materialize = _largest_fusion(arch)
+        monkeypatch.setattr(resnet, "materialize", lambda x: x)
+        without = _largest_fusion(arch)
     assert with_materialize <= 16, (with_materialize, without)
     if xla_cpu._jaxlib_major_minor() in xla_cpu.TESTED_JAXLIB:  # the XLA behaviour it works around
         assert without >= 40, (with_materialize, without)

@@ -1,7 +1,7 @@
 """oneDNN's convolutions in jitted JAX code on CPU: three JAX primitives over an XLA FFI library.
 
 XLA:CPU's own convolution kernels are slow at the 3-32 channel widths of CIFAR ResNets, and its
-kernel gradient is slow almost everywhere (issue 6, RESULTS.md section 3). oneDNN, the library
+kernel gradient is slow almost everywhere (RESULTS.md section 3). oneDNN, the library
 behind PyTorch's CPU convolutions, is not. This module compiles `_onednn/conv.cc` (an XLA FFI
 handler per direction) against the system's oneDNN (Debian/Ubuntu: ``apt-get install
 libdnnl-dev``) and exposes the three directions of an NHWC/HWIO float32 convolution as primitives:
@@ -22,7 +22,7 @@ otherwise runs XLA's convolution. Off CPU, or when the library is not loaded, ea
 to the XLA convolution it stands for.
 
 The compiled library is cached in ``$JAXPRUNE_CACHE_DIR`` (default ``~/.cache/jaxprune``), keyed on
-the source, jaxlib's version and the compiler; ``python -m jaxprune.ops.onednn`` builds it ahead of
+the source, jaxlib's version and the compiler; ``python -m jaxprune.cpu.onednn`` builds it ahead of
 time (``install.sh`` does). ``JAXPRUNE_ONEDNN=0`` turns the library off.
 """
 
@@ -478,14 +478,14 @@ def _result_hw(direction, a, b, stride, padding, shape_params):
 
 
 def main(argv: list[str]) -> int:
-    """``python -m jaxprune.ops.onednn``: build (or find) the library, load it, say where it is."""
+    """``python -m jaxprune.cpu.onednn``: build (or find) the library, load it, say where it is."""
     try:
         load()
     except BuildError as error:
-        print(f"jaxprune.ops.onednn: not available: {error}", file=sys.stderr)
+        print(f"jaxprune.cpu.onednn: not available: {error}", file=sys.stderr)
         return 1
     winograd = "with" if winograd_supported() else "without (no AVX2)"
-    print(f"jaxprune.ops.onednn: oneDNN {version()} {winograd} Winograd, {library_path()}")
+    print(f"jaxprune.cpu.onednn: oneDNN {version()} {winograd} Winograd, {library_path()}")
     return 0
 
 

@@ -1,0 +1,158 @@
+"""Measuring a convolution's forms on this machine, and the on-disk cache of the results.
+
+A measurement compiles each candidate form of one direction for one exact shape (batch included) as
+a small jitted program, runs it once to warm up, then times it up to `MAX_REPS` times and keeps the
+fastest run; a candidate already `LOSER_FACTOR` times slower than the best one so far stops there
+(its warm-up run, when that one is, counts as its time). The results are kept in
+``$JAXPRUNE_CACHE_DIR/cpu-plan-<key>.json`` (beside the oneDNN library), one file per machine key
+(`machine_key`: CPU model and flags, threads, jaxlib, the oneDNN source, the XLA:CPU flag), written
+atomically (a temporary file renamed over it).
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import jaxlib
+import numpy as np
+
+from jaxprune.cpu import conv, onednn, xla_cpu
+
+MAX_REPS = 3
+# A candidate this much slower than the best one so far is timed once only.
+LOSER_FACTOR = 1.5
+# Bumped when the forms or the measurement change, so old caches are not read.
+PLAN_VERSION = 1
+
+
+def _cpuinfo() -> tuple[str, str]:
+    """(model name, flags) of the first CPU in /proc/cpuinfo; ("", "") where there is none."""
+    model = flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return model, flags
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "model name" and not model:
+            model = value.strip()
+        elif name.strip() == "flags" and not flags:
+            flags = value.strip()
+    return model, flags
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def machine_key() -> dict:
+    """What a measured choice depends on besides the shape: CPU model, its flags (hashed), the
+    threads this process may use, jaxlib, the oneDNN library's source and the XLA:CPU flag."""
+    model, flags = _cpuinfo()
+    return {
+        "cpu": model,
+        "cpu_flags_sha": hashlib.sha256(flags.encode()).hexdigest()[:12],
+        "threads": _threads(),
+        "jaxlib": jaxlib.__version__,
+        "onednn_source_sha": hashlib.sha256(onednn.SOURCE.read_bytes()).hexdigest()[:12],
+        "ynn_convolutions_off": xla_cpu.ynn_convolutions_off(),
+        "plan_version": PLAN_VERSION,
+    }
+
+
+def cache_path(key: Mapping | None = None) -> Path:
+    """The cache file of ``key`` (default: this machine's) in `jaxprune.cpu.onednn.cache_dir`."""
+    text = json.dumps(machine_key() if key is None else dict(key), sort_keys=True)
+    return onednn.cache_dir() / f"cpu-plan-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+
+
+def load(path: Path) -> dict:
+    """``{entry: {"form", "times_s", ...}}`` stored in ``path``; {} when missing or unreadable."""
+    try:
+        return json.loads(path.read_text())["choices"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def store(path: Path, entries: Mapping[str, dict]) -> None:
+    """Adds ``entries`` to the file at ``path`` (merged with what another process may have written
+    meanwhile), atomically: a temporary file in the same folder renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"machine": machine_key(), "choices": {**load(path), **entries}}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _operands(shape, dtype):
+    rng = np.random.default_rng(0)
+    n, h, w, _ = shape.x_shape
+    kh, kw, _, c_out = shape.kernel_shape
+    h_out = conv.out_size(h, kh, shape.stride, shape.padding)
+    w_out = conv.out_size(w, kw, shape.stride, shape.padding)
+    x = rng.standard_normal(shape.x_shape, np.float32)
+    kernel = rng.standard_normal(shape.kernel_shape, np.float32) * 0.1
+    dy = rng.standard_normal((n, h_out, w_out, c_out), np.float32)
+    return tuple(jax.device_put(np.asarray(a, dtype)) for a in (x, kernel, dy))
+
+
+def _program(shape, direction: conv.Direction, form: conv.Form):
+    """A jitted ``(x, kernel, dy) -> result`` computing ``direction`` by ``form``."""
+    s, p = shape.stride, shape.padding
+    if direction == "forward":
+        return jax.jit(lambda x, k, dy: conv.forward(x, k, s, p, form))
+    if direction == "input_grad":
+        return jax.jit(lambda x, k, dy: jax.vjp(lambda a: conv.forward(a, k, s, p, form), x)[1](dy))
+
+    def kernel_grad(x, k, dy):
+        return jax.vjp(lambda b: conv.kernel_linear(x, b, s, p, form), k)[1](dy)
+
+    return jax.jit(kernel_grad)
+
+
+def measure(shape, direction: conv.Direction, forms) -> dict[str, float]:
+    """Seconds per call of each form in ``forms`` for ``direction`` of ``shape`` (a
+    `jaxprune.cpu.plan.ConvShape`); ``inf`` for a form that failed to compile or run.
+
+    Runs eagerly even when called while a function is being traced.
+    """
+    seconds: dict[str, float] = {}
+    with jax.ensure_compile_time_eval():
+        args = _operands(shape, np.dtype(shape.dtype))
+        for form in forms:
+            best_so_far = min(seconds.values(), default=float("inf"))
+            try:
+                compiled = _program(shape, direction, form).lower(*args).compile()
+                start = time.perf_counter()
+                jax.block_until_ready(compiled(*args))
+                first = time.perf_counter() - start
+            except Exception:  # noqa: BLE001 - a candidate that cannot run is not chosen
+                seconds[form] = float("inf")
+                continue
+            if first > LOSER_FACTOR * best_so_far:  # already lost, warm or not: no second run
+                seconds[form] = first
+                continue
+            fastest = float("inf")
+            for _ in range(MAX_REPS):
+                start = time.perf_counter()
+                jax.block_until_ready(compiled(*args))
+                fastest = min(fastest, time.perf_counter() - start)
+                if fastest > LOSER_FACTOR * best_so_far:
+                    break
+            seconds[form] = fastest
+    return seconds
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
