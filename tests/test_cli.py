@@ -182,6 +182,7 @@ def _script() -> str:
     return found
 
 
+@pytest.mark.slow
 def test_console_script(workdir, tmp_path):
     bad = subprocess.run(
         [_script(), "train", "--model", "resnet7", "--steps", "1", "--workdir", tmp_path / "x"],

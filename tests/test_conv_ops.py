@@ -454,6 +454,7 @@ def test_a_failed_build_leaves_no_library_behind(tmp_path, monkeypatch):
     assert onednn.library_path() != other
 
 
+@pytest.mark.slow
 @needs_onednn
 def test_prebuild_command_reports_the_library(tmp_path):
     done = _run_python(

@@ -66,6 +66,7 @@ def _probe(how: str, **env) -> list[str]:
     ).stdout.split()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_only_enable_tunes_glibc_and_the_opt_out_is_kept():
     assert _probe("import") == ["False", "-"]

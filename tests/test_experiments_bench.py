@@ -41,6 +41,7 @@ def importance_record(tmp_path_factory):
     return written
 
 
+@pytest.mark.slow
 def test_importance_quality_covers_every_criterion(importance_record):
     script = load_script("importance_quality")
     names = {name for name, _ in script.RUNS.values()}
@@ -70,6 +71,7 @@ def test_importance_quality_values_are_sane(importance_record):
         assert r["pooled_signed"] is not None, label
 
 
+@pytest.mark.slow
 def test_bench_structure_and_speedups(tmp_path):
     out = tmp_path / "2d.json"
     # One family keeps the test short; the bottleneck ResNet has every kind of group (stem too).
@@ -95,6 +97,7 @@ def test_bench_structure_and_speedups(tmp_path):
     assert load_script("bench").main(["--report", str(out)]) == record
 
 
+@pytest.mark.slow
 def test_bench_cpu_tiny(tmp_path):
     """experiments/bench_cpu.py's tiny mode: every JAX conv impl against PyTorch (when installed)
     per direction, and the model section with its 50%-MACs cuts (round_to 1 and 8)."""
@@ -132,6 +135,7 @@ def test_bench_cpu_tiny(tmp_path):
     assert report.count("| pruned_r8 | auto |") == len(record["models"])
 
 
+@pytest.mark.slow
 def test_bench_cpu_malloc_children_run_both_frameworks(tmp_path):
     """The malloc section: one child process per chosen allocator setting, jaxprune's ``auto``
     models and PyTorch's (when installed) in each; unknown settings are refused by name."""

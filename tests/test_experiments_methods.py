@@ -86,6 +86,7 @@ def test_compare_methods_tiny(tmp_path):
     assert refused.value.code == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("macs_ratio", [0.7, 0.4])
 def test_compare_methods_every_method_meets_the_budget(macs_ratio):
     """Each method of 2a scores and selects (no training): widths within the MACs budget."""

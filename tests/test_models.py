@@ -90,6 +90,7 @@ def test_submodule_names_are_readable(name):
         assert not any(part.split("_")[-1].isdigit() for part in path), path
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_float32_params():
     arch = jp.models.create("resnet20", input_shape=(8, 8, 3))
     variables = random_variables(arch)

@@ -24,6 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_with_two_devices_each_match_one_device(tmp_path):
     script = shutil.which("jaxprune") or str(Path(sys.executable).with_name("jaxprune"))
     multi = tmp_path / "multi"

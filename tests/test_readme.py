@@ -26,6 +26,7 @@ def test_readme_starts_with_setup_and_test_commands():
     assert "./install.sh" in ci and lines[1] in ci
 
 
+@pytest.mark.slow
 def test_readme_prune_your_own_model_runs():
     """The "Prune your own model" section (linen and NNX examples) runs on its own."""
     text = README.read_text()

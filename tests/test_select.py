@@ -213,6 +213,7 @@ def logits_of(arch, variables, images):
     return arch.module().apply(variables, images)
 
 
+@pytest.mark.slow
 def test_backward_fsabp_on_trained_lenet(fashion_lenet):
     arch, variables = fashion_lenet["arch"], fashion_lenet["variables"]
     images, labels = fashion_lenet["eval_batch"]

@@ -28,7 +28,7 @@ def relative_error(a, b) -> float:
 
 
 # The deepest models take 5-20 s each on 2 cores; their structure repeats the shallower ones'.
-_DEEP = {"resnet34", "resnet50", "resnet101", "resnet110"}
+_DEEP = {"resnet32", "resnet34", "resnet50", "resnet56", "resnet101", "resnet110", "vgg19"}
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,9 @@ def test_pruned_equals_gated(name):
     assert relative_error(pruned, gated) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["lenet5", "vgg11", "resnet20", "resnet50"])
+@pytest.mark.parametrize(
+    "name", ["lenet5", "vgg11", "resnet20", pytest.param("resnet50", marks=pytest.mark.slow)]
+)
 def test_keep_everything_is_identity(name):
     arch = small_arch(name)
     variables = random_variables(arch)

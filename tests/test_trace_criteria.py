@@ -84,6 +84,7 @@ def test_criteria_run_on_traced_nnx():
     assert jp.count_params(jp.trace(small, x)) <= 0.6 * jp.count_params(net) * 1.02
 
 
+@pytest.mark.slow
 def test_second_order_gfi_runs_on_a_traced_net():
     """GFI's order=2 differentiates the gated program twice (forward over reverse, vmapped)."""
     model = tm.FlattenNet()

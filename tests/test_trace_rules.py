@@ -89,6 +89,7 @@ def test_vit_block_prunes_its_mlp_and_leaves_attention():
     np.testing.assert_allclose(jax.jit(apply2)(variables2, x), gated, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_linen_dropout_trains_pruned_with_rngs():
     """Array keyword arguments (dropout's rngs) are program inputs; the pruned program in train
     mode draws the kept channels' part of the full network's dropout mask: pruned == gated."""

@@ -131,6 +131,7 @@ def test_gate_gradients_come_from_the_same_backward_pass_and_accumulate(lenet_se
         np.testing.assert_allclose(scores[g], abs_sum[g] / 3, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters(lenet_setup):
     dataset, arch, mesh, config = lenet_setup
     tx = train.make_optimizer(config)
