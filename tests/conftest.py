@@ -25,6 +25,17 @@ if os.environ.get("JAXPRUNE_TEST_CPU_LAYER") == "1":
 
     jaxprune.cpu.enable()
 
+
+@pytest.fixture(autouse=True)
+def _conv_backend_restored():
+    """Each test ends with the convolution backend it started with: a command run in-process
+    (`jaxprune.cli.main` enables the CPU layer, as the `jaxprune` command does) leaks nothing."""
+    from jaxprune.ops import conv
+
+    with conv.installed(conv.current()):
+        yield
+
+
 SMALL_INPUT = {
     "resnet18": (64, 64, 3),
     "resnet34": (64, 64, 3),
