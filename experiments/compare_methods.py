@@ -43,7 +43,7 @@ class Variant:
     method: str | methods.Method
     policy: str | None = None
     max_pruning_ratio: float | None = CAP
-    prunable: tuple[str, ...] | None = None  # ("*",): every group
+    prunable: tuple[str, ...] | str | None = None  # ("*",): every group; "authors": theirs
     ranking: str | None = None
     rounds: int = 1
     recalibrate: bool = True
@@ -62,8 +62,12 @@ VARIANTS: dict[str, Variant] = {
         prunable=("*",),
         recalibrate=False,
     ),
-    "gfi_global": Variant("gfi", prunable=("*",)),  # + per-group normalisation, cap, BN re-estimate
-    "gfi": Variant("gfi"),  # + the authors' layers only: the registry's default
+    # + per-group normalisation, the cap and BatchNorm re-estimation (every group): the registry's
+    # `gfi` since 2026-11-30, which the runs before it call "gfi_global"
+    "gfi": Variant("gfi"),
+    "gfi_global": Variant("gfi", prunable=("*",)),
+    # the same over the authors' layers only (the registry's `gfi` in the 2026-11-30 2a runs)
+    "gfi_authors_layers": Variant("gfi", prunable="authors"),
     "gfi_cost": Variant("gfi", ranking="score_per_cost"),
     "gfi_no_recalibration": Variant("gfi", recalibrate=False),
     "gfi_rounds3": Variant("gfi", rounds=3),
@@ -76,7 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=[v for v in VARIANTS if v not in ("gfi_rounds3", "gfi_no_recalibration")],
+        default=[
+            v for v in VARIANTS if v not in ("gfi_global", "gfi_rounds3", "gfi_no_recalibration")
+        ],
         choices=list(VARIANTS),
     )
     p.add_argument(
@@ -143,7 +149,9 @@ def prune_variant(args, base: Path, out: Path, variant: Variant, ratio: float) -
         pipeline.Budget("macs", ratio),
         policy=variant.policy,
         max_pruning_ratio=variant.max_pruning_ratio,
-        prunable=variant.prunable,
+        prunable=methods.authors_layers(pipeline.load(base)[0])
+        if variant.prunable == "authors"
+        else variant.prunable,
         ranking=variant.ranking,
         num_batches=args.authors_batches
         if variant.num_batches == "authors"

@@ -138,9 +138,8 @@ METHODS: Mapping[str, Method] = {
             importance.gfi,
             ScoringData(),
             Normalize.MEAN,
-            prunable=authors_layers,
             summary="GFI-AP, recommended: per-example gate gradients, normalised per group, "
-            "one global ranking over the authors' layers",
+            "one global ranking over every group (capped on the command line)",
             accumulator=importance.GFIAccumulation(),
         ),
         Method(

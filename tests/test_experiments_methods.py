@@ -107,6 +107,8 @@ def test_compare_methods_every_method_meets_the_budget(macs_ratio):
         scores = method.score(arch, variables, batches if method.needs_data else None)
         assert {g: s.shape[0] for g, s in scores.items()} == jp.groups(arch), name
         prunable = variant.prunable or method.default_prunable(arch)
+        if prunable == "authors":
+            prunable = methods.authors_layers(arch)
         rules = select.WidthRules(max_pruning_ratio=variant.max_pruning_ratio, prunable=prunable)
         keep = method.select(arch, scores, budget, rules, variant.policy, variant.ranking)
         pruned, _ = jp.prune(arch, variables, keep)

@@ -92,9 +92,9 @@ def test_rounds_reach_the_budget_and_keep_the_cap_of_the_start(resnet20_run, tmp
 def test_bad_selection_settings_are_refused_before_any_work(resnet20_run, tmp_path, capsys):
     cases = {
         "cap with the threshold": (["--method", "gfi_ap_authors", "--filters-ratio", "0.5",
-                                    "--max-pruning-ratio", "0.5"], "no max_pruning_ratio"),
+                                    "--max-pruning-ratio", "0.5"], "no --max-pruning-ratio"),
         "rounds without steps": (["--method", "l1", "--macs-ratio", "0.5", "--rounds", "2"],
-                                 "round_steps"),
+                                 "--round-steps"),
         "unreachable": (["--method", "l1", "--macs-ratio", "0.2", "--prunable", "*/conv1"],
                         "binding groups"),
         "no such group": (["--method", "l1", "--macs-ratio", "0.5", "--prunable", "fc9"],
