@@ -136,3 +136,17 @@ def random_variables(arch, seed: int = 0) -> dict:
         return jnp.asarray(value, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, variable_shapes(arch))
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``jaxprune ARGV`` run in this process."""
+    from jaxprune import cli
+
+    capsys.readouterr()
+    try:
+        cli.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -9,24 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli as run
 
 from jaxprune import checkpoint, cli, models
 from jaxprune.pipeline import common
 from jaxprune.train import MetricsLog
 
 TRAIN = ["--data", "synthetic", "--synthetic-shape", "16,16,1", "--batch-size", "32"]
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of ``jaxprune ARGV`` run in this process."""
-    capsys.readouterr()
-    try:
-        cli.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

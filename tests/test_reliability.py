@@ -20,6 +20,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_cli as run
 
 from jaxprune import checkpoint, cli, pipeline
 from jaxprune import workdir as workdirs
@@ -27,18 +28,6 @@ from jaxprune.train import LoopOptions, MetricsLog, TrainingDiverged, TrainState
 
 SMALL = ["--model", "lenet5", "--data", "synthetic", "--synthetic-shape", "16,16,1"]
 SMALL += ["--batch-size", "32"]  # 512 synthetic training examples: 16 steps per epoch
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of ``jaxprune ARGV`` run in this process."""
-    capsys.readouterr()
-    try:
-        cli.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def command(*argv) -> list[str]:
