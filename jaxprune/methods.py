@@ -22,7 +22,7 @@ from typing import Any
 from jaxprune import importance, select
 from jaxprune.graph import Architecture, group_layers
 from jaxprune.select import Budget, Normalize, Policy, Ranking, WidthRules
-from jaxprune.select.oneshot import adaptive_with, uniform_with
+from jaxprune.select.oneshot import adaptive_with, check_threshold_rules, uniform_with
 
 # The default cap for selection from the command line and the demo: no group loses more than 80%
 # of its channels (a global ranking otherwise empties layers: VGG-16 kept 1-3 of 512).
@@ -114,11 +114,7 @@ class Method:
         if rules is None:
             rules = WidthRules(prunable=self.default_prunable(arch))
         if policy is Policy.THRESHOLD:
-            if rules.max_pruning_ratio is not None or rules.round_to != 1 or rules.min_keep != 1:
-                raise ValueError(
-                    "the threshold policy is the authors' rule: it takes prunable only "
-                    "(no max_pruning_ratio, round_to or min_keep)"
-                )
+            check_threshold_rules(rules)
             return select.threshold(arch, scores, budget, prunable=rules.prunable)
         if policy is Policy.UNIFORM:
             return uniform_with(arch, scores, budget, rules)

@@ -32,6 +32,7 @@ from jaxprune.pipeline.config import (
 from jaxprune.pipeline.training import finetune
 from jaxprune.select import CostModel, Policy, Ranking, WidthRules
 from jaxprune.select.budget import check_reachable
+from jaxprune.select.oneshot import check_threshold_rules
 from jaxprune.surgery import prune as prune_variables
 from jaxprune.surgery import prune_like
 from jaxprune.train import loop, parallel
@@ -109,15 +110,9 @@ def _selection(
         raise ValueError(f"num_batches must be positive, got {num_batches}")
     if prunable is None:
         prunable = entry.default_prunable(arch)
+    rules = WidthRules(round_to, 1, max_pruning_ratio, prunable)
     if policy is Policy.THRESHOLD:
-        rules = WidthRules(prunable=prunable)
-        if max_pruning_ratio is not None or round_to != 1:
-            raise ValueError(
-                "the threshold policy is the authors' rule (their own cap per layer): it takes "
-                "no max_pruning_ratio and no round_to"
-            )
-    else:
-        rules = WidthRules(round_to, 1, max_pruning_ratio, prunable)
+        check_threshold_rules(rules)
     if not (policy is Policy.THRESHOLD and budget.kind is BudgetKind.FILTERS):
         # (the threshold's filters budget is a fraction of the prunable filters: always reachable)
         check_reachable(arch, budget, rules)

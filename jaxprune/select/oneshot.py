@@ -277,6 +277,15 @@ def uniform_with(
     return top_keep(normalize_scores(scores, None), names, widths)
 
 
+def check_threshold_rules(rules: WidthRules) -> None:
+    """Refuses width rules the authors' threshold rule does not take (it has its own cap)."""
+    if rules.max_pruning_ratio is not None or rules.round_to != 1 or rules.min_keep != 1:
+        raise ValueError(
+            "the threshold policy is the authors' rule (their own cap per layer): it takes "
+            "prunable only, no max_pruning_ratio, round_to or min_keep"
+        )
+
+
 def threshold(
     arch: Architecture,
     scores: Scores,
