@@ -115,6 +115,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=pipeline.DEFAULT_RECALIBRATE_BATCHES,
         help="BatchNorm re-estimation batches after the cut (variants that re-estimate)",
     )
+    p.add_argument(
+        "--cpu-layer",
+        action="store_true",
+        help="turn on jaxprune's CPU speed layer first (as the jaxprune command does); "
+        "accuracies do not depend on it",
+    )
     p.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
     p.add_argument("--out", default="results.json")
     p.add_argument(
@@ -359,8 +365,13 @@ def merge_records(records: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.cpu_layer and not args.report:
+        import jaxprune.cpu
+
+        jaxprune.cpu.enable()
     return _common.main(
-        parse_args(argv),
+        args,
         run,
         lambda result: format_table(result["summary"]),
         markdown_table,

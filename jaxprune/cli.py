@@ -196,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", required=True)
     train.add_argument("--label-smoothing", type=float, default=0.0)
     train.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the dataset's training augmentation (on; fashion_mnist: pad 2, crop, flip)",
+    )
+    train.add_argument(
         "--dtype",
         choices=[d.value for d in ComputeDtype],
         default="float32",
@@ -288,6 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument(
         "--keep-checkpoints", type=_positive_int, help="(default: as the run it continues)"
     )
+    finetune.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="augment the fine-tuning batches (default: as the training run)",
+    )
+    finetune.add_argument(
+        "--fresh-optimizer",
+        action="store_true",
+        help="start from zero momentum instead of the optimizer state the cut sliced",
+    )
     _optimizer_flags(finetune, "those of the training run")
     _run_flags(finetune)
     _common(finetune)
@@ -324,6 +341,7 @@ def _train(args: argparse.Namespace) -> None:
         num_epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
+        augment=args.augment,
         optimizer=optim.OptimizerConfig(**changes),
         label_smoothing=args.label_smoothing,
         compute_dtype=args.dtype,
@@ -351,6 +369,8 @@ def _finetune(args: argparse.Namespace) -> None:
         num_steps=args.steps,
         num_epochs=args.epochs,
         optimizer_changes=_optimizer_changes(args),
+        augment=args.augment,
+        fresh_optimizer=args.fresh_optimizer,
         data_dir=args.data_dir,
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,

@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from conftest import run_cli as run
 
-from jaxprune import checkpoint, cli, models
+from jaxprune import checkpoint, cli, models, pipeline
 from jaxprune.pipeline import common
 from jaxprune.train import MetricsLog
 
@@ -231,6 +232,57 @@ def test_finetune_honours_checkpoint_every_and_keep_checkpoints(workdir, tmp_pat
     code, _, err = run(["finetune", "--workdir", pruned, "--keep-checkpoints", "4"], capsys)
     assert code == 0, err
     assert checkpoint.steps(pruned) == [2, 3, 4, 5]  # resumed with the saved --checkpoint-every
+
+
+def test_finetune_fresh_optimizer_drops_only_the_sliced_momentum(workdir, tmp_path, capsys):
+    """One SGD step without weight decay or Nesterov at a constant rate is p - lr (mu m + g):
+    starting from zero momentum moves every parameter by lr mu m0 (m0: the sliced momentum) more
+    than carrying it does, and changes nothing else."""
+    pruned = tmp_path / "pruned"
+    argv = ["prune", "--workdir", workdir, "--method", "l1", "--filters-ratio", "0.5", "--no-eval",
+            "--out", pruned]  # fmt: skip
+    assert run(argv, capsys)[0] == 0
+    lr, momentum = 0.01, 0.9
+    sgd = ["--steps", "1", "--lr", str(lr), "--momentum", str(momentum), "--schedule", "constant",
+           "--warmup-steps", "0", "--weight-decay", "0", "--no-nesterov"]  # fmt: skip
+    params = {}
+    for name, extra in {"carried": [], "fresh": ["--fresh-optimizer"]}.items():
+        shutil.copytree(pruned, tmp_path / name)
+        code, _, err = run(["finetune", "--workdir", tmp_path / name, *sgd, *extra], capsys)
+        assert code == 0, err
+        params[name] = pipeline.load(tmp_path / name)[1]["params"]
+    step = common.pick_step(pruned, None)
+    mesh = common.data_mesh(jax.devices()[:1], 1)
+    _, state = common.restore(pruned, step, common.read_meta(pruned, step), mesh)
+    sliced_momentum = state.opt_state[0].trace
+    assert max(float(np.abs(m).max()) for m in jax.tree.leaves(sliced_momentum)) > 0
+
+    def check(fresh, carried, m0, p0):
+        # Each run rounds p0 - lr * (...) once: a few float32 ulps of |p0| apart at most.
+        atol = (
+            4 * np.finfo(np.float32).eps * (float(np.abs(p0).max()) + lr * float(np.abs(m0).max()))
+        )
+        np.testing.assert_allclose(
+            fresh - carried, lr * momentum * np.asarray(m0), rtol=0, atol=atol
+        )
+
+    jax.tree.map(check, params["fresh"], params["carried"], sliced_momentum, state.params)
+
+
+def test_augment_is_recorded_and_inherited_by_finetuning(tmp_path, capsys):
+    base = tmp_path / "base"
+    argv = ["train", "--model", "lenet5", *TRAIN, "--steps", "2", "--no-augment"]
+    assert run([*argv, "--workdir", base], capsys)[0] == 0
+    assert common.read_meta(base, 2)["config"]["augment"] is False
+    pruned = tmp_path / "pruned"
+    argv = ["prune", "--workdir", base, "--method", "l1", "--filters-ratio", "0.5", "--no-eval",
+            "--out", pruned]  # fmt: skip
+    assert run(argv, capsys)[0] == 0
+    assert run(["finetune", "--workdir", pruned, "--steps", "1"], capsys)[0] == 0
+    assert common.read_meta(pruned, 1)["config"]["augment"] is False
+    assert run(["finetune", "--workdir", tmp_path / "other", "--steps", "1"], capsys)[0] == 1
+    old = {k: v for k, v in common.read_meta(base, 2)["config"].items() if k != "augment"}
+    assert pipeline.TrainConfig.from_dict(old).augment  # metas written before the field
 
 
 def test_prune_uniform_policy_keeps_the_same_fraction_everywhere(workdir, tmp_path, capsys):

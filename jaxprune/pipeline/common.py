@@ -163,6 +163,7 @@ def global_batches(dataset, mesh, config: TrainConfig, start_step: int) -> Itera
         seed=config.seed,
         start_step=start_step,
         num_steps=total_steps - start_step,
+        augment=config.augment,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         num_workers=data_workers(config, dataset),

@@ -47,6 +47,8 @@ class TrainConfig:
       num_epochs: length of the run in epochs (the last partial batch of each epoch is dropped).
       batch_size: global batch size (summed over devices and processes).
       seed: fixes the initialization, the data order and the augmentation.
+      augment: apply the dataset's training augmentation (`jaxprune.data.datasets`) to the
+        training batches.
       optimizer: optimizer and learning-rate schedule.
       label_smoothing: see `jaxprune.train.cross_entropy`.
       compute_dtype: activations in float32 or bfloat16 (parameters stay float32).
@@ -68,6 +70,7 @@ class TrainConfig:
     num_epochs: int | None = None
     batch_size: int = 128
     seed: int = 0
+    augment: bool = True
     optimizer: OptimizerConfig = OptimizerConfig()
     label_smoothing: float = 0.0
     compute_dtype: ComputeDtype = ComputeDtype.FLOAT32

@@ -96,6 +96,8 @@ def finetune(
     num_steps: int | None = None,
     num_epochs: int | None = None,
     optimizer_changes: Mapping[str, Any] | None = None,
+    augment: bool | None = None,
+    fresh_optimizer: bool = False,
     data_dir: str | None = None,
     checkpoint_every: int | None = None,
     keep_checkpoints: int | None = None,
@@ -108,8 +110,9 @@ def finetune(
     """Fine-tunes the pruned network in ``workdir`` (written by `prune`), or resumes doing so.
 
     The run starts at step 0 with its own learning-rate schedule, from the optimizer state that
-    `prune` sliced (momentum, Adam moments). Everything not given is taken from the training run
-    the network was pruned from (batch size, seed, data, optimizer).
+    `prune` sliced (momentum, Adam moments) unless ``fresh_optimizer``. Everything not given is
+    taken from the training run the network was pruned from (batch size, seed, data, optimizer,
+    augmentation).
 
     Args:
       workdir: a directory written by `prune`.
@@ -117,6 +120,9 @@ def finetune(
       num_epochs: its length in epochs. When resuming, both may be left out.
       optimizer_changes: fields of `OptimizerConfig` to change from the training run's (e.g.
         ``{"learning_rate": 0.01}``).
+      augment: augment the fine-tuning batches (None: as the training run did).
+      fresh_optimizer: start from a freshly initialised optimizer state (zero momentum) instead
+        of the one the cut sliced; only when starting from the pruned checkpoint.
       data_dir: where the data lives now, if it moved.
       checkpoint_every: also save every this many steps (None: as the run it continues).
       keep_checkpoints: how many recent checkpoints to keep (None: as the run it continues).
@@ -147,6 +153,7 @@ def finetune(
         num_steps=length[0],
         num_epochs=length[1],
         optimizer=_change_optimizer(saved.optimizer, optimizer_changes),
+        augment=saved.augment if augment is None else augment,
         data_dir=data_dir if data_dir is not None else saved.data_dir,
         checkpoint_every=saved.checkpoint_every if checkpoint_every is None else checkpoint_every,
         keep_checkpoints=saved.keep_checkpoints if keep_checkpoints is None else keep_checkpoints,
@@ -158,6 +165,9 @@ def finetune(
                 f"{workdir} holds a fine-tuning run with other settings ({', '.join(differing)})"
             )
     loaded = common.load_run(workdir, step, meta, config, devices, config.optimizer)
+    if fresh_optimizer and meta["phase"] == Phase.PRUNED:
+        fresh = jax.jit(make_optimizer(config.optimizer).init)(loaded.state.params)
+        loaded = dataclasses.replace(loaded, state=loaded.state.replace(opt_state=fresh))
     checkpoint.reject_after(workdir, step)
     total_steps, _ = common.run_length(config, loaded.dataset)
     common.say(
