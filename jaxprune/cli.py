@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="augment the fine-tuning batches (default: as the training run)",
+        help="augment the fine-tuning batches (default: off; on for long fine-tunes)",
     )
     finetune.add_argument(
         "--fresh-optimizer",

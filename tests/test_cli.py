@@ -269,20 +269,27 @@ def test_finetune_fresh_optimizer_drops_only_the_sliced_momentum(workdir, tmp_pa
     jax.tree.map(check, params["fresh"], params["carried"], sliced_momentum, state.params)
 
 
-def test_augment_is_recorded_and_inherited_by_finetuning(tmp_path, capsys):
+def test_augmentation_recorded_and_off_for_finetuning_unless_asked(workdir, tmp_path, capsys):
     base = tmp_path / "base"
     argv = ["train", "--model", "lenet5", *TRAIN, "--steps", "2", "--no-augment"]
     assert run([*argv, "--workdir", base], capsys)[0] == 0
     assert common.read_meta(base, 2)["config"]["augment"] is False
-    pruned = tmp_path / "pruned"
-    argv = ["prune", "--workdir", base, "--method", "l1", "--filters-ratio", "0.5", "--no-eval",
-            "--out", pruned]  # fmt: skip
-    assert run(argv, capsys)[0] == 0
-    assert run(["finetune", "--workdir", pruned, "--steps", "1"], capsys)[0] == 0
-    assert common.read_meta(pruned, 1)["config"]["augment"] is False
-    assert run(["finetune", "--workdir", tmp_path / "other", "--steps", "1"], capsys)[0] == 1
     old = {k: v for k, v in common.read_meta(base, 2)["config"].items() if k != "augment"}
     assert pipeline.TrainConfig.from_dict(old).augment  # metas written before the field
+
+    assert common.read_meta(workdir, 6)["config"]["augment"] is True  # the training default
+    pruned = tmp_path / "pruned"
+    argv = ["prune", "--workdir", workdir, "--method", "l1", "--filters-ratio", "0.5", "--no-eval",
+            "--out", pruned]  # fmt: skip
+    assert run(argv, capsys)[0] == 0
+    for name, flags, augmented in [("plain", [], False), ("augmented", ["--augment"], True)]:
+        shutil.copytree(pruned, tmp_path / name)
+        argv = ["finetune", "--workdir", tmp_path / name, "--steps", "2", "--stop-at", "1"]
+        assert run([*argv, *flags], capsys)[0] == 0
+        assert common.read_meta(tmp_path / name, 1)["config"]["augment"] is augmented
+        # resuming without the flag keeps the run's own setting
+        assert run(["finetune", "--workdir", tmp_path / name], capsys)[0] == 0
+        assert common.read_meta(tmp_path / name, 2)["config"]["augment"] is augmented
 
 
 def test_prune_uniform_policy_keeps_the_same_fraction_everywhere(workdir, tmp_path, capsys):

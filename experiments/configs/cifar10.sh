@@ -36,13 +36,13 @@ jaxprune train --model "$MODEL" --data cifar10 --data-dir "$DATA_DIR" --epochs "
 # GFI-AP as recommended (jaxprune.methods "gfi"): one global ranking of normalised gate gradients.
 jaxprune prune --workdir "$RUNS/baseline" --method gfi --policy adaptive --macs-ratio "$MACS_RATIO" \
   --data-dir "$DATA_DIR" --out "$RUNS/gfi_ap"
-jaxprune finetune --workdir "$RUNS/gfi_ap" --epochs "$FINETUNE_EPOCHS" --lr "$FINETUNE_LR" \
+jaxprune finetune --augment --workdir "$RUNS/gfi_ap" --epochs "$FINETUNE_EPOCHS" --lr "$FINETUNE_LR" \
   --data-dir "$DATA_DIR"
 
 # Baseline method: L1 norm, the same fraction of every layer, at the same MACs.
 jaxprune prune --workdir "$RUNS/baseline" --method l1 --policy uniform --macs-ratio "$MACS_RATIO" \
   --data-dir "$DATA_DIR" --out "$RUNS/l1_uniform"
-jaxprune finetune --workdir "$RUNS/l1_uniform" --epochs "$FINETUNE_EPOCHS" --lr "$FINETUNE_LR" \
+jaxprune finetune --augment --workdir "$RUNS/l1_uniform" --epochs "$FINETUNE_EPOCHS" --lr "$FINETUNE_LR" \
   --data-dir "$DATA_DIR"
 
 # GFI-AP, the authors' protocol: p = 0.41 of the prunable filters (42.5% fewer FLOPs on their
@@ -50,7 +50,7 @@ jaxprune finetune --workdir "$RUNS/l1_uniform" --epochs "$FINETUNE_EPOCHS" --lr 
 AUTHORS_FILTERS_RATIO=${AUTHORS_FILTERS_RATIO:-0.59}
 jaxprune prune --workdir "$RUNS/baseline" --method gfi_ap_authors \
   --filters-ratio "$AUTHORS_FILTERS_RATIO" --data-dir "$DATA_DIR" --out "$RUNS/gfi_ap_authors"
-jaxprune finetune --workdir "$RUNS/gfi_ap_authors" --epochs 80 --lr 0.08 --schedule step \
+jaxprune finetune --augment --workdir "$RUNS/gfi_ap_authors" --epochs 80 --lr 0.08 --schedule step \
   --step-boundaries 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9 --step-factor 0.5556 --warmup-steps 0 \
   --data-dir "$DATA_DIR"
 

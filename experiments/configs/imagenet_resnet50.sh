@@ -34,16 +34,16 @@ jaxprune train --model resnet50 --data imagenet2012 --epochs 90 --batch-size 102
 
 jaxprune prune --workdir "$RUNS/baseline" --method gfi --policy adaptive --macs-ratio 0.573 \
   --out "$RUNS/gfi_ap" "${COMMON[@]}"
-jaxprune finetune --workdir "$RUNS/gfi_ap" --epochs 25 --lr 0.04 --checkpoint-every 5000 "${COMMON[@]}"
+jaxprune finetune --augment --workdir "$RUNS/gfi_ap" --epochs 25 --lr 0.04 --checkpoint-every 5000 "${COMMON[@]}"
 
 jaxprune prune --workdir "$RUNS/baseline" --method taylor_fo_bn --policy adaptive --macs-ratio 0.55 \
   --num-batches 64 --out "$RUNS/taylor_fo_bn_72" "${COMMON[@]}"
-jaxprune finetune --workdir "$RUNS/taylor_fo_bn_72" --epochs 25 --lr 0.04 --checkpoint-every 5000 \
+jaxprune finetune --augment --workdir "$RUNS/taylor_fo_bn_72" --epochs 25 --lr 0.04 --checkpoint-every 5000 \
   "${COMMON[@]}"
 
 jaxprune prune --workdir "$RUNS/baseline" --method l1 --policy uniform --macs-ratio 0.573 \
   --out "$RUNS/l1_uniform" "${COMMON[@]}"
-jaxprune finetune --workdir "$RUNS/l1_uniform" --epochs 25 --lr 0.04 --checkpoint-every 5000 \
+jaxprune finetune --augment --workdir "$RUNS/l1_uniform" --epochs 25 --lr 0.04 --checkpoint-every 5000 \
   "${COMMON[@]}"
 
 # GFI-AP, the authors' ImageNet protocol: every layer's channels chosen once by their threshold
@@ -51,7 +51,7 @@ jaxprune finetune --workdir "$RUNS/l1_uniform" --epochs 25 --lr 0.04 --checkpoin
 # after each (2 x 1,281,167 / 1024 steps), then 12 epochs.
 jaxprune prune --workdir "$RUNS/baseline" --method gfi_ap_authors --macs-ratio 0.573 --layerwise \
   --round-steps 2502 --num-batches 1251 --out "$RUNS/gfi_ap_authors" "${COMMON[@]}"
-jaxprune finetune --workdir "$RUNS/gfi_ap_authors" --epochs 12 --lr 0.04 --checkpoint-every 5000 \
+jaxprune finetune --augment --workdir "$RUNS/gfi_ap_authors" --epochs 12 --lr 0.04 --checkpoint-every 5000 \
   "${COMMON[@]}"
 
 for run in baseline gfi_ap taylor_fo_bn_72 l1_uniform gfi_ap_authors; do

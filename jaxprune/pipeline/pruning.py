@@ -351,7 +351,13 @@ def _prune_layerwise(
             verbose,
         )
         if not last:
-            finetune(layer_out, num_steps=round_steps, devices=devices, verbose=verbose)
+            finetune(
+                layer_out,
+                num_steps=round_steps,
+                augment=config.augment,  # retraining between cuts, as the training run was
+                devices=devices,
+                verbose=verbose,
+            )
             current, current_step = layer_out, common.pick_step(layer_out, None)
     return record
 
@@ -494,7 +500,13 @@ def prune(
             },
         ]
         if i < rounds:
-            finetune(round_out, num_steps=round_steps, devices=devices, verbose=verbose)
+            finetune(
+                round_out,
+                num_steps=round_steps,
+                augment=config.augment,  # retraining between rounds, as the training run was
+                devices=devices,
+                verbose=verbose,
+            )
             current, current_step = round_out, common.pick_step(round_out, None)
             meta = common.read_meta(round_out, current_step)
     return record
