@@ -62,11 +62,13 @@ def prune_to(base: Path, out: Path, keep: dict) -> dict:
 
 
 def finetune(args: argparse.Namespace, out: Path) -> dict:
-    """Fine-tunes ``out`` as every method is: ``--finetune-steps`` at ``--finetune-lr``."""
+    """Fine-tunes ``out`` as every method is: ``--finetune-steps`` at ``--finetune-lr``, with
+    ``--finetune-augment`` where the script has it (else the library's default: unaugmented)."""
     return pipeline.finetune(
         out,
         num_steps=args.finetune_steps,
         optimizer_changes={"learning_rate": args.finetune_lr},
+        augment=getattr(args, "finetune_augment", None),
         progress=False,
         verbose=False,
     )

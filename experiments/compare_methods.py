@@ -101,6 +101,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate of training")
     p.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument(
+        "--finetune-augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="augmented fine-tuning batches, as in every 2a run so far (the library's fine-tuning "
+        "default is unaugmented since 2e)",
+    )
+    p.add_argument(
         "--score-batches", type=int, default=None, help="scoring batches (default: the method's)"
     )
     p.add_argument(

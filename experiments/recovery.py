@@ -4,14 +4,15 @@ The task of issue 14's item 8, as a user runs it with the CLI: ResNet-20 on Fash
 3-epoch baseline, one cut to 50% of the MACs, 1 epoch of fine-tuning at a peak learning rate of
 0.02. For each baseline recipe (the library's augmented one, and one without augmentation) and
 each method, the loss of accuracy from the baseline after the fine-tune is recorded for the
-library's defaults and for one change at a time:
+fine-tuning the library did before these runs and for one change at a time:
 
-    default           carried optimizer state, cosine schedule after a 5% warm-up, BatchNorm
-                      re-estimated on 40 batches after the cut, augmentation as the baseline's
-    no_augment        fine-tuning batches not augmented
-    fresh_optimizer   zero momentum at the cut instead of the sliced optimizer state
-    constant_lr       a constant rate after the warm-up instead of the cosine decay
-    no_recalibration  BatchNorm statistics not re-estimated after the cut
+    augmented         the library's fine-tuning before 2e: augmented batches (as the baseline's
+                      training), carried optimizer state, cosine schedule after a 5% warm-up,
+                      BatchNorm re-estimated on 40 batches after the cut
+    unaugmented       fine-tuning batches not augmented (the library's default since 2e)
+    fresh_optimizer   augmented, with zero momentum at the cut instead of the sliced state
+    constant_lr       augmented, with a constant rate after the warm-up instead of the cosine
+    no_recalibration  augmented, without re-estimating BatchNorm's statistics after the cut
 
     python experiments/recovery.py --seeds 0 --out experiments/results/2e_recovery.json
     python experiments/recovery.py --tiny --out /tmp/2e_tiny.json                   # smoke test
@@ -35,14 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 import compare_methods  # noqa: E402  (its method variants and their pruning)
 
-# One change to the library's fine-tuning defaults at a time: (finetune keywords, optimizer
-# changes, re-estimate BatchNorm after the cut).
+# One change at a time to the fine-tuning the library did before 2e ("augmented"): (finetune
+# keywords, optimizer changes, re-estimate BatchNorm after the cut).
 FINETUNES: dict[str, tuple[dict, dict, bool]] = {
-    "default": ({}, {}, True),
-    "no_augment": ({"augment": False}, {}, True),
-    "fresh_optimizer": ({"fresh_optimizer": True}, {}, True),
-    "constant_lr": ({}, {"schedule": "constant"}, True),
-    "no_recalibration": ({}, {}, False),
+    "augmented": ({"augment": True}, {}, True),
+    "unaugmented": ({"augment": False}, {}, True),
+    "fresh_optimizer": ({"augment": True, "fresh_optimizer": True}, {}, True),
+    "constant_lr": ({"augment": True}, {"schedule": "constant"}, True),
+    "no_recalibration": ({"augment": True}, {}, False),
 }
 RECIPES = {"augmented": True, "unaugmented": False}
 METHOD_VARIANTS = {
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         default=list(FINETUNES),
         choices=list(FINETUNES),
-        help="on the augmented baseline; the unaugmented one gets 'default' only",
+        help="on the augmented baseline; the unaugmented one gets 'unaugmented' only",
     )
     p.add_argument("--macs-ratio", type=float, default=0.5, help="fraction of the MACs kept")
     p.add_argument("--data", default="fashion_mnist")
@@ -87,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.tiny:
         args.model, args.data, args.seeds = "lenet5", "synthetic", [0]
         args.batch_size, args.score_batches, args.recalibrate_batches = 16, 1, 1
-        args.methods, args.finetunes = ["l1_global", "gfi"], ["default", "fresh_optimizer"]
+        args.methods, args.finetunes = ["l1_global", "gfi"], ["unaugmented", "fresh_optimizer"]
     return args
 
 
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace, partial=None) -> dict:
             trained = pipeline.train(_train_config(args, recipe, seed), base, progress=False)
             baselines.append({"seed": seed, "recipe": recipe, "accuracy": trained["accuracy"]})
             print(f"seed {seed} {recipe}: baseline {trained['accuracy']:.4f}", flush=True)
-            finetunes = args.finetunes if recipe == "augmented" else ["default"]
+            finetunes = args.finetunes if recipe == "augmented" else ["unaugmented"]
             for name in args.methods:
                 variant = METHOD_VARIANTS[name]
                 cuts: dict[bool, tuple[Path, dict]] = {}
