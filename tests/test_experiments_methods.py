@@ -87,6 +87,31 @@ def test_compare_methods_tiny(tmp_path):
 
 
 @pytest.mark.slow
+def test_recovery_tiny(tmp_path):
+    """2e: every (recipe, method, fine-tuning) row, from one cut per method and re-estimation."""
+    out = tmp_path / "2e.json"
+    script = load_script("recovery")
+    script.main(["--tiny", "--workdir", str(tmp_path / "runs"), "--out", str(out)])
+    result = json.loads(out.read_text())
+    settings = result["settings"]
+    expected = {
+        (recipe, method, finetune)
+        for recipe in settings["recipes"]
+        for method in settings["methods"]
+        for finetune in (settings["finetunes"] if recipe == "augmented" else ["unaugmented"])
+    }
+    assert {(r["recipe"], r["method"], r["finetune"]) for r in result["runs"]} == expected
+    assert len(result["runs"]) == len(expected) and len(result["baselines"]) == 2
+    for r in result["runs"]:
+        assert in_unit_interval(r["accuracy"]) and 0.4 <= r["macs_ratio"] <= 0.5 + 1e-9
+        assert r["loss_pt"] == pytest.approx(100 * (r["baseline"] - r["accuracy"]))
+    runs = tmp_path / "runs" / "seed0" / "augmented"
+    for finetune in settings["finetunes"]:  # each fine-tuned from its own copy of the cut
+        assert (runs / f"gfi_{finetune}" / "checkpoints").is_dir()
+    assert "| augmented | gfi | fresh_optimizer |" in script.markdown_table(result)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("macs_ratio", [0.7, 0.4])
 def test_compare_methods_every_method_meets_the_budget(macs_ratio):
     """Each method of 2a scores and selects (no training): widths within the MACs budget."""
