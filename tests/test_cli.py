@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli as run
 
 from jaxprune import checkpoint, cli, models
-from jaxprune.pipeline import common
+from jaxprune.pipeline import run_loop
 from jaxprune.train import MetricsLog
 
 TRAIN = ["--data", "synthetic", "--synthetic-shape", "16,16,1", "--batch-size", "32"]
@@ -139,7 +139,7 @@ def test_corrupt_checkpoint_exits_with_one_line_naming_it(workdir, tmp_path, cap
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    real = common.global_batches
+    real = run_loop.global_batches
 
     def poisoned(dataset, mesh, config, start_step):
         for step, (images, labels) in enumerate(
@@ -147,7 +147,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, ca
         ):
             yield (images * np.nan if step >= 4 else images), labels
 
-    monkeypatch.setattr(common, "global_batches", poisoned)
+    monkeypatch.setattr(run_loop, "global_batches", poisoned)
     workdir = tmp_path / "nan"
     argv = ["train", "--model", "lenet5", *TRAIN, "--steps", "8", "--checkpoint-every", "3"]
     code, _, err = run([*argv, "--workdir", workdir], capsys)

@@ -164,18 +164,18 @@ def test_eval_reads_the_last_finished_step_of_a_workdir_being_written(trained, t
 def test_eval_reads_the_newest_step_again_when_a_writer_deletes_the_one_it_read(
     trained, tmp_path, monkeypatch
 ):
-    from jaxprune.pipeline import common
+    from jaxprune.pipeline import loading
 
     workdir = tmp_path / "copy"
     shutil.copytree(trained, workdir)
-    real = common.load_run
+    real = loading.load_run
 
     def writer_deletes_step_6_first(*args, **kwargs):
-        monkeypatch.setattr(common, "load_run", real)
+        monkeypatch.setattr(loading, "load_run", real)
         shutil.move(checkpoint.step_path(workdir, 6), tmp_path / "6")  # as --keep-checkpoints does
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(common, "load_run", writer_deletes_step_6_first)
+    monkeypatch.setattr(loading, "load_run", writer_deletes_step_6_first)
     assert pipeline.evaluate(workdir)["step"] == 3
 
 
