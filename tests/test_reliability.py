@@ -1,7 +1,7 @@
 """Workdirs that cannot be mixed or silently corrupted: the lock, divergence, bad inputs refused.
 
-Each test pins one failure of issue 16; the checksum-manifest and hint cases live in
-test_checkpoint.py, the fine-tuning flags in test_cli.py.
+Each test pins one way a workdir could be mixed up or corrupted; the checksum-manifest and hint
+cases live in test_checkpoint.py, the fine-tuning flags in test_cli.py.
 """
 
 import gzip
@@ -71,7 +71,7 @@ def _wait_until_locked(workdir: Path, process: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.slow  # four processes start JAX: 10-25 s
+@pytest.mark.slow  # four processes start JAX
 def test_two_processes_racing_for_one_workdir(tmp_path):
     workdir = tmp_path / "run"
     first = subprocess.Popen(
