@@ -1,4 +1,4 @@
-"""Speed (issue 5, part 2d): what pruning buys in wall-clock time, and what importance costs.
+"""Speed (RESULTS.md section 2d): what pruning buys in wall-clock time, and what importance costs.
 
 For ResNet-56 and VGG-16 (32x32x3) and ResNet-50 (224x224x3), random weights (speed does not
 depend on the values), the script measures with `jaxprune.timing`:
@@ -41,7 +41,7 @@ import numpy as np
 import jaxprune as jp
 from jaxprune import importance, methods, select, timing, train
 
-# model -> default batch size on this CPU (ResNet-50 at 224: a small batch, as the issue asks).
+# model -> default batch size for a small CPU (ResNet-50 at 224: a small batch, to fit in memory).
 BATCH_SIZES = {"resnet56": 32, "vgg16": 32, "resnet50": 8}
 ROUNDINGS = (1, 8)
 

@@ -1,7 +1,7 @@
 """CPU speed of jaxprune's convolutions and CIFAR models, against PyTorch in the same process.
 
-    python experiments/bench_cpu.py --out results/bench_cpu.json          # full run (~30 min)
-    python experiments/bench_cpu.py --out /tmp/bench_cpu.json --mode quick   # small sizes (~3 min)
+    python experiments/bench_cpu.py --out results/bench_cpu.json          # full run (the longest)
+    python experiments/bench_cpu.py --out /tmp/bench_cpu.json --mode quick   # small sizes (minutes)
     python experiments/bench_cpu.py --out /tmp/bench_cpu.json --mode tiny    # smoke test (seconds)
 
 Sections (all in one JSON file):
@@ -16,7 +16,7 @@ Sections (all in one JSON file):
              minor page faults per call, for ``impl="xla"``, ``"auto"`` and PyTorch eager
              channels_last, of the network and of its uniform 50%-MACs cuts with ``round_to`` 1
              and 8 (realized speed-up against the MACs speed-up). ``auto`` is the CPU layer's
-             plan, tuned on this machine unless ``JAXPRUNE_CPU_AUTOTUNE=0``: the seconds spent
+             plan, tuned on the host unless ``JAXPRUNE_CPU_AUTOTUNE=0``: the seconds spent
              tuning while compiling each network (``tuning_s``, zero when the plan cache in
              ``$JAXPRUNE_CACHE_DIR`` already holds its shapes) and the plan (``plan``) are kept.
   malloc     the ``auto`` models and PyTorch's again in one child process per allocator setting
@@ -632,7 +632,7 @@ def main(argv=None) -> dict:
         "--mode",
         choices=("full", "quick", "tiny"),
         default="full",
-        help="full: the table (~30 min on 2 cores); quick: small sizes (~3 min); tiny: seconds",
+        help="full: the table (the longest); quick: small sizes (minutes); tiny: seconds",
     )
     parser.add_argument("--skip", default="", help="comma-separated sections to skip")
     parser.add_argument("--models", nargs="+", help="networks of the models section (default: all)")

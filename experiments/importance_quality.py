@@ -1,4 +1,5 @@
-"""Importance quality (issue 5, part 2c): how well each criterion ranks channels like the oracle.
+"""Importance quality (RESULTS.md section 2c): how well each criterion ranks channels like the
+oracle.
 
 For a trained ResNet-20 on Fashion-MNIST, every criterion of `jaxprune.importance.CRITERIA` (GFI
 in its three forms, Taylor-FO-BN, L1, L2, FPGM, FSABP, random) is computed on the same batches and

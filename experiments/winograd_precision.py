@@ -1,4 +1,5 @@
-"""Rounding error of the CPU convolutions against a float64 reference (issue 6).
+"""Rounding error of the CPU convolutions against a float64 reference (RESULTS.md section 3,
+"Winograd's F(2x2, 3x3), and oneDNN's forward convolutions as input gradients").
 
 Winograd's F(2x2, 3x3) adds and subtracts transformed inputs before multiplying, so its rounding
 differs from a direct convolution's. This measures both on float32 inputs against

@@ -529,9 +529,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 # glibc's malloc returns XLA:CPU's large per-step buffers to the kernel and maps them fresh on
 # the next step (hundreds of thousands of minor page faults per CIFAR ResNet-56 train step);
-# tcmalloc keeps them: ResNet-56 trains 26-53% faster (RESULTS.md section 3), a little faster
-# than glibc as `jaxprune.allocator` sets it. It must be loaded before the process starts, so
-# the console script re-executes itself once with it preloaded.
+# tcmalloc keeps them: the train step runs faster (RESULTS.md section 3, "Page faults and the
+# memory allocator"), a little faster than glibc as `jaxprune.cpu.allocator` sets it. It must be
+# loaded before the process starts, so the console script re-executes itself once with it preloaded.
 
 
 def preload_environ(environ: Mapping[str, str], library: str | None) -> dict[str, str] | None:

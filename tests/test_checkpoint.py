@@ -10,7 +10,7 @@ import pytest
 
 import jaxprune as jp
 from jaxprune import checkpoint, data, pipeline, train
-from jaxprune.pipeline import common
+from jaxprune.pipeline import run_loop
 
 CONFIG = pipeline.TrainConfig(
     model="resnet20",  # The smallest model with BatchNorm: its running statistics must resume too.
@@ -51,9 +51,9 @@ def runs(tmp_path_factory):
     """An uninterrupted run, and the same run stopped at step 5 and resumed."""
     root = tmp_path_factory.mktemp("runs")
     steps_built = []
-    common.train_step_for.cache_clear()
+    run_loop.train_step_for.cache_clear()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "make_train_step", _recorder(common.make_train_step, steps_built))
+        patch.setattr(run_loop, "make_train_step", _recorder(run_loop.make_train_step, steps_built))
         whole = pipeline.train(CONFIG, root / "whole", progress=False, verbose=False)
         first = pipeline.train(CONFIG, root / "split", stop_at=5, progress=False, verbose=False)
         second = pipeline.train(CONFIG, root / "split", progress=False, verbose=False)

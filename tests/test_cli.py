@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli as run
 
 from jaxprune import checkpoint, cli, models, pipeline
-from jaxprune.pipeline import common
+from jaxprune.pipeline import inputs, loading, run_loop
 from jaxprune.train import MetricsLog
 
 TRAIN = ["--data", "synthetic", "--synthetic-shape", "16,16,1", "--batch-size", "32"]
@@ -140,7 +140,7 @@ def test_corrupt_checkpoint_exits_with_one_line_naming_it(workdir, tmp_path, cap
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    real = common.global_batches
+    real = run_loop.global_batches
 
     def poisoned(dataset, mesh, config, start_step):
         for step, (images, labels) in enumerate(
@@ -148,7 +148,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, ca
         ):
             yield (images * np.nan if step >= 4 else images), labels
 
-    monkeypatch.setattr(common, "global_batches", poisoned)
+    monkeypatch.setattr(run_loop, "global_batches", poisoned)
     workdir = tmp_path / "nan"
     argv = ["train", "--model", "lenet5", *TRAIN, "--steps", "8", "--checkpoint-every", "3"]
     code, _, err = run([*argv, "--workdir", workdir], capsys)
@@ -251,9 +251,9 @@ def test_finetune_fresh_optimizer_drops_only_the_sliced_momentum(workdir, tmp_pa
         code, _, err = run(["finetune", "--workdir", tmp_path / name, *sgd, *extra], capsys)
         assert code == 0, err
         params[name] = pipeline.load(tmp_path / name)[1]["params"]
-    step = common.pick_step(pruned, None)
-    mesh = common.data_mesh(jax.devices()[:1], 1)
-    _, state = common.restore(pruned, step, common.read_meta(pruned, step), mesh)
+    step = loading.pick_step(pruned, None)
+    mesh = inputs.data_mesh(jax.devices()[:1], 1)
+    _, state = loading.restore(pruned, step, loading.read_meta(pruned, step), mesh)
     sliced_momentum = state.opt_state[0].trace
     assert max(float(np.abs(m).max()) for m in jax.tree.leaves(sliced_momentum)) > 0
 
@@ -273,11 +273,11 @@ def test_augmentation_recorded_and_off_for_finetuning_unless_asked(workdir, tmp_
     base = tmp_path / "base"
     argv = ["train", "--model", "lenet5", *TRAIN, "--steps", "2", "--no-augment"]
     assert run([*argv, "--workdir", base], capsys)[0] == 0
-    assert common.read_meta(base, 2)["config"]["augment"] is False
-    old = {k: v for k, v in common.read_meta(base, 2)["config"].items() if k != "augment"}
+    assert loading.read_meta(base, 2)["config"]["augment"] is False
+    old = {k: v for k, v in loading.read_meta(base, 2)["config"].items() if k != "augment"}
     assert pipeline.TrainConfig.from_dict(old).augment  # metas written before the field
 
-    assert common.read_meta(workdir, 6)["config"]["augment"] is True  # the training default
+    assert loading.read_meta(workdir, 6)["config"]["augment"] is True  # the training default
     pruned = tmp_path / "pruned"
     argv = ["prune", "--workdir", workdir, "--method", "l1", "--filters-ratio", "0.5", "--no-eval",
             "--out", pruned]  # fmt: skip
@@ -286,10 +286,10 @@ def test_augmentation_recorded_and_off_for_finetuning_unless_asked(workdir, tmp_
         shutil.copytree(pruned, tmp_path / name)
         argv = ["finetune", "--workdir", tmp_path / name, "--steps", "2", "--stop-at", "1"]
         assert run([*argv, *flags], capsys)[0] == 0
-        assert common.read_meta(tmp_path / name, 1)["config"]["augment"] is augmented
+        assert loading.read_meta(tmp_path / name, 1)["config"]["augment"] is augmented
         # resuming without the flag keeps the run's own setting
         assert run(["finetune", "--workdir", tmp_path / name], capsys)[0] == 0
-        assert common.read_meta(tmp_path / name, 2)["config"]["augment"] is augmented
+        assert loading.read_meta(tmp_path / name, 2)["config"]["augment"] is augmented
 
 
 def test_prune_uniform_policy_keeps_the_same_fraction_everywhere(workdir, tmp_path, capsys):

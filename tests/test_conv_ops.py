@@ -570,7 +570,7 @@ def test_winograd_refuses_what_it_cannot_compute():
 # Tuning.
 
 
-@pytest.mark.slow  # compiles and times 14 candidates (34 s on a loaded 2-core machine)
+@pytest.mark.slow  # compiles and times 14 candidates
 def test_tuning_measures_once_caches_on_disk_and_computes_lax_conv(tmp_path, monkeypatch):
     monkeypatch.setenv(onednn.CACHE_ENV_VAR, str(tmp_path))
     monkeypatch.setattr(plan, "MIN_TUNED_MACS", 0)  # tune even this tiny shape

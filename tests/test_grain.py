@@ -177,10 +177,10 @@ RESUME = pipeline.TrainConfig(
 
 
 def _final_state(workdir: Path):
-    from jaxprune.pipeline import common
+    from jaxprune.pipeline import loading
 
-    step, meta, _ = common.open_checkpoint(workdir, None)
-    return common.restore(workdir, step, meta, train.make_mesh())[1]
+    step, meta, _ = loading.open_checkpoint(workdir, None)
+    return loading.restore(workdir, step, meta, train.make_mesh())[1]
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Workdirs that cannot be mixed or silently corrupted: the lock, divergence, bad inputs refused.
 
-Each test pins one failure of issue 16; the checksum-manifest and hint cases live in
-test_checkpoint.py, the fine-tuning flags in test_cli.py.
+Each test pins one way a workdir could be mixed up or corrupted; the checksum-manifest and hint
+cases live in test_checkpoint.py, the fine-tuning flags in test_cli.py.
 """
 
 import gzip
@@ -71,7 +71,7 @@ def _wait_until_locked(workdir: Path, process: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.slow  # four processes start JAX: 10-25 s
+@pytest.mark.slow  # four processes start JAX
 def test_two_processes_racing_for_one_workdir(tmp_path):
     workdir = tmp_path / "run"
     first = subprocess.Popen(
@@ -164,18 +164,18 @@ def test_eval_reads_the_last_finished_step_of_a_workdir_being_written(trained, t
 def test_eval_reads_the_newest_step_again_when_a_writer_deletes_the_one_it_read(
     trained, tmp_path, monkeypatch
 ):
-    from jaxprune.pipeline import common
+    from jaxprune.pipeline import loading
 
     workdir = tmp_path / "copy"
     shutil.copytree(trained, workdir)
-    real = common.load_run
+    real = loading.load_run
 
     def writer_deletes_step_6_first(*args, **kwargs):
-        monkeypatch.setattr(common, "load_run", real)
+        monkeypatch.setattr(loading, "load_run", real)
         shutil.move(checkpoint.step_path(workdir, 6), tmp_path / "6")  # as --keep-checkpoints does
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(common, "load_run", writer_deletes_step_6_first)
+    monkeypatch.setattr(loading, "load_run", writer_deletes_step_6_first)
     assert pipeline.evaluate(workdir)["step"] == 3
 
 

@@ -27,7 +27,8 @@ def relative_error(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-# The deepest models take 5-20 s each on 2 cores; their structure repeats the shallower ones'.
+# The deepest models are the slowest to build and trace; their structure repeats the shallower
+# ones', so they run in the slow tier only.
 _DEEP = {"resnet32", "resnet34", "resnet50", "resnet56", "resnet101", "resnet110", "vgg19"}
 
 

@@ -11,7 +11,7 @@
    through ``mallopt``; ``JAXPRUNE_ALLOCATOR=system`` leaves malloc alone);
 3. installs the CPU convolution plan behind `jaxprune.ops.conv2d` (each direction of each
    convolution on XLA, matrix products, oneDNN or Winograd: `jaxprune.cpu.conv`, chosen by
-   measurement on this machine or by thresholds: `jaxprune.cpu.plan`) and `materialize`'s
+   measurement on the host or by thresholds: `jaxprune.cpu.plan`) and `materialize`'s
    residual-stream workaround behind `jaxprune.ops.materialize`.
 
 (1) and (2) can only act before JAX's backend starts. Called later, `enable` leaves them off,
@@ -88,7 +88,7 @@ def enable(*, autotune: bool | None = None, budget_s: float | None = None) -> St
     """Turns the CPU layer on for this process (module doc); call it before any JAX computation.
 
     Args:
-      autotune: measure each convolution's forms on this machine; None: unless
+      autotune: measure each convolution's forms on the host; None: unless
         ``JAXPRUNE_CPU_AUTOTUNE=0``.
       budget_s: tuning seconds allowed in this process; None: ``$JAXPRUNE_CPU_AUTOTUNE_BUDGET_S``
         or 120.

@@ -2,9 +2,10 @@
 
 With glibc's defaults, XLA:CPU's worker threads allocate their large buffers in per-thread arenas,
 which hand freed memory back to the kernel; every train step then maps it afresh, one minor page
-fault per 4 KiB page: 233k faults per CIFAR ResNet-56 train step at batch 128; without them the
-step runs 19-44% faster (RESULTS.md section 3, allocator study). One arena, with large blocks
-served from the heap and the heap never trimmed, keeps the pages: no faults.
+fault per 4 KiB page, hundreds of thousands per CIFAR ResNet-56 train step; without them the
+step runs markedly faster (RESULTS.md section 3, "Page faults and the memory allocator"). One
+arena, with large blocks served from the heap and the heap never trimmed, keeps the pages: no
+faults.
 
 `configure` (run by `jaxprune.cpu.enable`, before XLA starts its threads) sets that through
 ``mallopt`` in the running process, the equivalent of starting it with ``MALLOC_ARENA_MAX=1

@@ -167,7 +167,7 @@ def unavailable_reason() -> str | None:
 
 
 def winograd_supported() -> bool:
-    """Whether the library is loaded and this CPU runs its Winograd form (it needs AVX2 and FMA)."""
+    """Whether the library is loaded and the host runs its Winograd form (it needs AVX2 and FMA)."""
     return available() and bool(load().jaxprune_winograd_supported())
 
 

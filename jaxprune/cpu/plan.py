@@ -1,4 +1,4 @@
-"""Which form (`jaxprune.cpu.conv.Form`) computes each direction of each convolution on this CPU.
+"""Which form (`jaxprune.cpu.conv.Form`) computes each direction of each convolution on the host.
 
 Two ways to choose, per direction (forward pass, input gradient, kernel gradient) and per shape
 (batch included):

@@ -1,4 +1,4 @@
-"""Measuring a convolution's forms on this machine, and the on-disk cache of the results.
+"""Measuring a convolution's forms on the machine it runs on, and the on-disk cache of the results.
 
 A measurement compiles each candidate form of one direction for one exact shape (batch included) as
 a small jitted program, runs it once to warm up, then times it up to `MAX_REPS` times and keeps the
@@ -67,7 +67,7 @@ def machine_key() -> dict:
 
 
 def cache_path(key: Mapping | None = None) -> Path:
-    """The cache file of ``key`` (default: this machine's) in `jaxprune.cpu.onednn.cache_dir`."""
+    """The cache file of ``key`` (default: the host's) in `jaxprune.cpu.onednn.cache_dir`."""
     text = json.dumps(machine_key() if key is None else dict(key), sort_keys=True)
     return onednn.cache_dir() / f"cpu-plan-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
 

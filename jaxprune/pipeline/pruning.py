@@ -19,7 +19,7 @@ import numpy as np
 from jaxprune import checkpoint, data, methods, models
 from jaxprune.flops import count_macs, count_params
 from jaxprune.graph import Architecture, groups
-from jaxprune.pipeline import common
+from jaxprune.pipeline import console, evaluation, inputs, loading
 from jaxprune.pipeline.config import (
     METRICS_FILE,
     PRUNE_FILE,
@@ -125,10 +125,10 @@ def _open_for_pruning(
     """(step, meta, config) of the checkpoint to prune; refuses a used ``out``."""
     if checkpoint.steps(out):
         raise UserError(f"{out} already holds checkpoints; give a new output directory")
-    return common.open_checkpoint(workdir, restore_step, data_dir)
+    return loading.open_checkpoint(workdir, restore_step, data_dir)
 
 
-def _training_images(source: common.Loaded, num_batches: int, augment: bool) -> list:
+def _training_images(source: loading.Loaded, num_batches: int, augment: bool) -> list:
     config = source.config
     return [
         (jax.numpy.asarray(images), jax.numpy.asarray(labels))
@@ -142,7 +142,7 @@ def _training_images(source: common.Loaded, num_batches: int, augment: bool) -> 
     ]
 
 
-def _score(source: common.Loaded, selection: Selection, verbose: bool) -> tuple[Any, str]:
+def _score(source: loading.Loaded, selection: Selection, verbose: bool) -> tuple[Any, str]:
     """(scores, what they were computed on) for the network in ``source``."""
     arch, state, method = source.arch, source.state, selection.method
     if (
@@ -153,19 +153,19 @@ def _score(source: common.Loaded, selection: Selection, verbose: bool) -> tuple[
         # Collected by the training steps' own backward pass (TrainConfig.score_during_training).
         steps = method.accumulator.steps(state.aux)
         if steps:
-            common.say(verbose, f"scoring {arch.name} with {method.name} over {steps} train steps")
+            console.say(verbose, f"scoring {arch.name} with {method.name} over {steps} train steps")
             return method.accumulator.scores(state.aux), f"training accumulator, {steps} steps"
     batches, scored_on = None, "weights"
     if method.needs_data:
         count = selection.num_batches or method.data.num_batches
         if count is None:
-            count = common.run_length(
+            count = inputs.run_length(
                 dataclasses.replace(source.config, num_epochs=1, num_steps=None), source.dataset
             )[1]
         batches = _training_images(source, count, method.data.augment)
         augmented = "augmented " if method.data.augment else ""
         scored_on = f"{count} {augmented}training batches of {source.config.batch_size}"
-    common.say(verbose, f"scoring the channels of {arch.name} with {method.name}")
+    console.say(verbose, f"scoring the channels of {arch.name} with {method.name}")
     # On host: every process scores the same global batches on its own first device.
     return method.score(arch, jax.device_get(state.variables), batches), scored_on
 
@@ -173,7 +173,7 @@ def _score(source: common.Loaded, selection: Selection, verbose: bool) -> tuple[
 def _write_pruned(
     workdir: str | os.PathLike,
     step: int,
-    source: common.Loaded,
+    source: loading.Loaded,
     out: Path,
     keep: Mapping[str, Any],
     how: dict,
@@ -215,10 +215,10 @@ def _write_pruned(
         "params_after": count_params(pruned_arch),
     }
     if evaluate_before_after:
-        record["accuracy_before"] = common.evaluator(arch, source.dataset, mesh, config)(state)[
+        record["accuracy_before"] = evaluation.evaluator(arch, source.dataset, mesh, config)(state)[
             "accuracy"
         ]
-        evaluate = common.evaluator(pruned_arch, source.dataset, mesh, config)
+        evaluate = evaluation.evaluator(pruned_arch, source.dataset, mesh, config)
         if pruned_variables is not cut_variables:
             record["accuracy_at_cut"] = evaluate(state_of(cut_variables))["accuracy"]
         record["accuracy_after"] = evaluate(pruned_state)["accuracy"]
@@ -251,12 +251,12 @@ def _write_pruned(
         line += f"{record['accuracy_after']:.4f}"
     if how.get("bound_by_rules"):
         line += f"; held at their floor: {', '.join(how['bound_by_rules'])}"
-    common.say(verbose, line)
+    console.say(verbose, line)
     return record
 
 
 def _choose(
-    source: common.Loaded, budget: Budget, selection: Selection, verbose: bool
+    source: loading.Loaded, budget: Budget, selection: Selection, verbose: bool
 ) -> tuple[dict, dict]:
     """(keep sets, how they were chosen) for the network in ``source``."""
     scores, scored_on = _score(source, selection, verbose)
@@ -291,7 +291,7 @@ def _prune_once(
     verbose: bool,
     extra: Mapping[str, Any] | None = None,
 ) -> dict:
-    source = common.load_run(workdir, step, meta, config, devices)
+    source = loading.load_run(workdir, step, meta, config, devices)
     keep, how = _choose(source, budget, selection, verbose)
     return _write_pruned(
         workdir,
@@ -323,7 +323,7 @@ def _prune_layerwise(
 ) -> dict:
     """Chooses every group's channels once, then cuts one group at a time in forward order,
     fine-tuning ``round_steps`` after each (the GFI-AP authors' ImageNet protocol)."""
-    source = common.load_run(workdir, step, meta, config, devices)
+    source = loading.load_run(workdir, step, meta, config, devices)
     keep, how = _choose(source, budget, selection, verbose)
     sizes = groups(source.arch)
     order = [g for g in sizes if len(keep[g]) < sizes[g]]
@@ -335,10 +335,12 @@ def _prune_layerwise(
     for i, group in enumerate(order, start=1):
         last = i == len(order)
         layer_out = out if last else out / "rounds" / f"layer{i}"
-        common.say(verbose, f"layer {i}/{len(order)}: {group} {sizes[group]} -> {len(keep[group])}")
+        console.say(
+            verbose, f"layer {i}/{len(order)}: {group} {sizes[group]} -> {len(keep[group])}"
+        )
         if i > 1:
-            meta = common.read_meta(current, current_step)
-            source = common.load_run(current, current_step, meta, config, devices)
+            meta = loading.read_meta(current, current_step)
+            source = loading.load_run(current, current_step, meta, config, devices)
         record = _write_pruned(
             current,
             current_step,
@@ -358,11 +360,11 @@ def _prune_layerwise(
                 devices=devices,
                 verbose=verbose,
             )
-            current, current_step = layer_out, common.pick_step(layer_out, None)
+            current, current_step = layer_out, loading.pick_step(layer_out, None)
     return record
 
 
-@common.owns_workdir("out", new=True)
+@loading.owns_workdir("out", new=True)
 def prune(
     workdir: str | os.PathLike,
     out: str | os.PathLike,
@@ -476,7 +478,7 @@ def prune(
         now = CostModel.build(models.from_dict(meta["arch"]), budget.kind)
         round_budget = Budget(budget.kind, min(1.0, target * start_cost / now(now.full_widths)))
         round_out = out if i == rounds else out / "rounds" / f"round{i}"
-        common.say(
+        console.say(
             verbose, f"round {i}/{rounds}: keeping {target:.4g} of the starting {budget.kind.value}"
         )
         round_selection = dataclasses.replace(selection, rules=round_rules)
@@ -507,12 +509,12 @@ def prune(
                 devices=devices,
                 verbose=verbose,
             )
-            current, current_step = round_out, common.pick_step(round_out, None)
-            meta = common.read_meta(round_out, current_step)
+            current, current_step = round_out, loading.pick_step(round_out, None)
+            meta = loading.read_meta(round_out, current_step)
     return record
 
 
-@common.owns_workdir("out", new=True)
+@loading.owns_workdir("out", new=True)
 def prune_to(
     workdir: str | os.PathLike,
     out: str | os.PathLike,
@@ -528,7 +530,7 @@ def prune_to(
     """As `prune`, with the channels to keep given (group -> increasing indices)."""
     out = Path(out)
     step, meta, config = _open_for_pruning(workdir, out, restore_step, data_dir)
-    source = common.load_run(workdir, step, meta, config, devices)
+    source = loading.load_run(workdir, step, meta, config, devices)
     how = {"method": "given"}
     return _write_pruned(
         workdir, step, source, out, keep, how, evaluate_before_after, recalibrate_batches, verbose

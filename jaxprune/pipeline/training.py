@@ -13,14 +13,14 @@ import jax
 from jaxprune import checkpoint, data, models
 from jaxprune.flops import count_macs, count_params
 from jaxprune.graph import Architecture
-from jaxprune.pipeline import common
+from jaxprune.pipeline import console, evaluation, inputs, loading, run_loop
 from jaxprune.pipeline.config import METRICS_FILE, Phase, TrainConfig, UserError
 from jaxprune.train import loop, parallel
 from jaxprune.train.optim import OptimizerConfig, make_optimizer
 from jaxprune.train.step import create_train_state
 
 
-@common.owns_workdir("workdir")
+@loading.owns_workdir("workdir")
 def train(
     config: TrainConfig,
     workdir: str | os.PathLike,
@@ -53,22 +53,22 @@ def train(
     # Names first: a typo is reported before any data is read (ValueError, listing valid names).
     models.create(config.model)
     data.parse_dataset_name(config.data)
-    dataset = common.load_dataset(config)
+    dataset = inputs.load_dataset(config)
     arch = models.create(config.model, dataset.num_classes, dataset.input_shape)
-    mesh = common.data_mesh(devices, config.batch_size)
-    total_steps, _ = common.run_length(config, dataset)
-    step = common.pick_step(workdir, restore_step)
+    mesh = inputs.data_mesh(devices, config.batch_size)
+    total_steps, _ = inputs.run_length(config, dataset)
+    step = loading.pick_step(workdir, restore_step)
     if step is None:
-        common.check_input_shape(arch)
+        inputs.check_input_shape(arch)
         tx = make_optimizer(config.optimizer)
         state = create_train_state(arch, tx, config.seed, mesh, config.accumulator)
-        common.say(
+        console.say(
             verbose,
             f"training {arch.name} on {dataset.name.value} for {total_steps} steps on "
             f"{mesh.size} device(s); workdir {workdir}",
         )
     else:
-        meta = common.read_meta(workdir, step)
+        meta = loading.read_meta(workdir, step)
         if meta["phase"] != Phase.TRAIN:
             raise UserError(
                 f"{workdir} holds a {meta['phase']} checkpoint; continue it with "
@@ -80,16 +80,16 @@ def train(
                 f"{workdir} holds a run with other settings ({', '.join(differing)}); use a new "
                 "workdir or the same settings"
             )
-        arch, state = common.restore(workdir, step, meta, mesh)
+        arch, state = loading.restore(workdir, step, meta, mesh)
         checkpoint.reject_after(workdir, step)
-        common.say(verbose, f"resuming {arch.name} in {workdir} from step {step}/{total_steps}")
-    loaded = common.Loaded(config, dataset, mesh, arch, state)
-    return common.run(
+        console.say(verbose, f"resuming {arch.name} in {workdir} from step {step}/{total_steps}")
+    loaded = loading.Loaded(config, dataset, mesh, arch, state)
+    return run_loop.run(
         Phase.TRAIN, workdir, loaded, stop_at=stop_at, progress=progress, verbose=verbose
     )
 
 
-@common.owns_workdir("workdir")
+@loading.owns_workdir("workdir")
 def finetune(
     workdir: str | os.PathLike,
     *,
@@ -136,12 +136,12 @@ def finetune(
       As `train`.
     """
     workdir = Path(workdir)
-    step = common.pick_step(workdir, restore_step)
+    step = loading.pick_step(workdir, restore_step)
     if step is None:
         raise UserError(
             f"no checkpoint in {workdir}; write one with `jaxprune prune --out {workdir}`"
         )
-    meta = common.read_meta(workdir, step)
+    meta = loading.read_meta(workdir, step)
     if meta["phase"] == Phase.TRAIN:
         raise UserError(
             f"{workdir} holds an unpruned training run; continue it with `jaxprune train`"
@@ -168,16 +168,16 @@ def finetune(
             raise UserError(
                 f"{workdir} holds a fine-tuning run with other settings ({', '.join(differing)})"
             )
-    loaded = common.load_run(workdir, step, meta, config, devices, config.optimizer)
+    loaded = loading.load_run(workdir, step, meta, config, devices, config.optimizer)
     if fresh_optimizer and meta["phase"] == Phase.PRUNED:
         fresh = jax.jit(make_optimizer(config.optimizer).init)(loaded.state.params)
         loaded = dataclasses.replace(loaded, state=loaded.state.replace(opt_state=fresh))
     checkpoint.reject_after(workdir, step)
-    total_steps, _ = common.run_length(config, loaded.dataset)
-    common.say(
+    total_steps, _ = inputs.run_length(config, loaded.dataset)
+    console.say(
         verbose, f"fine-tuning {loaded.arch.name} in {workdir} from step {step}/{total_steps}"
     )
-    return common.run(
+    return run_loop.run(
         Phase.FINETUNE,
         workdir,
         loaded,
@@ -225,20 +225,20 @@ def evaluate(
     for attempt in range(3):
         found = checkpoint.steps(workdir)
         try:
-            step, meta, config = common.open_checkpoint(workdir, restore_step, data_dir)
-            loaded = common.load_run(workdir, step, meta, config, devices)
+            step, meta, config = loading.open_checkpoint(workdir, restore_step, data_dir)
+            loaded = loading.load_run(workdir, step, meta, config, devices)
             break
         except checkpoint.CheckpointError:
             # A writer may delete the step being read (its --keep-checkpoints): read the newest.
             if restore_step is not None or attempt == 2 or checkpoint.steps(workdir) == found:
                 raise
     arch, dataset, mesh = loaded.arch, loaded.dataset, loaded.mesh
-    result = common.evaluator(arch, dataset, mesh, config)(loaded.state)
+    result = evaluation.evaluator(arch, dataset, mesh, config)(loaded.state)
     row = {"step": step, **result, "split": "test", "num_devices": mesh.size}
     try:
         loop.MetricsLog(workdir / METRICS_FILE, enabled=parallel.is_primary()).write(row)
     except OSError as e:
-        common.warn(f"the result was not appended to {workdir / METRICS_FILE}: {e.strerror or e}")
+        console.warn(f"the result was not appended to {workdir / METRICS_FILE}: {e.strerror or e}")
     return {
         **row,
         "phase": meta["phase"],
@@ -258,6 +258,6 @@ def load(
     ``arch.module().apply``; no data is read.
     """
     workdir = Path(workdir)
-    step, meta, _ = common.open_checkpoint(workdir, restore_step)
-    arch, state = common.restore(workdir, step, meta, common.data_mesh(jax.devices()[:1], 1))
+    step, meta, _ = loading.open_checkpoint(workdir, restore_step)
+    arch, state = loading.restore(workdir, step, meta, inputs.data_mesh(jax.devices()[:1], 1))
     return arch, jax.device_get(state.variables)
