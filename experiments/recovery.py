@@ -51,6 +51,8 @@ METHOD_VARIANTS = {
     "l1_global": compare_methods.Variant("l1"),
     "taylor_fo_bn": compare_methods.VARIANTS["taylor_fo_bn"],
     "gfi": compare_methods.VARIANTS["gfi"],
+    # The control: nothing cut (a MACs budget of 1.0), the same fine-tuning of the baseline itself.
+    "unpruned": compare_methods.Variant("l1", policy="uniform", max_pruning_ratio=None),
 }
 
 
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace, partial=None) -> dict:
                             base,
                             cut,
                             dataclasses.replace(variant, recalibrate=recalibrate),
-                            args.macs_ratio,
+                            1.0 if name == "unpruned" else args.macs_ratio,
                         )
                         cuts[recalibrate] = cut, record
                     cut, record = cuts[recalibrate]
