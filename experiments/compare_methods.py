@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="augmented fine-tuning batches, as in every 2a run so far (the library's fine-tuning "
-        "default is unaugmented since 2e)",
+        "default is unaugmented since 2f)",
     )
     p.add_argument(
         "--score-batches", type=int, default=None, help="scoring batches (default: the method's)"

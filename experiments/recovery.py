@@ -1,21 +1,21 @@
-"""2e: how well a pruned network recovers, and which part of the recipe decides it.
+"""2f: how well a pruned network recovers, and which part of the recipe decides it.
 
-The task of issue 14's item 8, as a user runs it with the CLI: ResNet-20 on Fashion-MNIST, a
+The task a user compares against Torch-Pruning on, run as the CLI runs it: ResNet-20 on Fashion-MNIST, a
 3-epoch baseline, one cut to 50% of the MACs, 1 epoch of fine-tuning at a peak learning rate of
 0.02. For each baseline recipe (the library's augmented one, and one without augmentation) and
 each method, the loss of accuracy from the baseline after the fine-tune is recorded for the
 fine-tuning the library did before these runs and for one change at a time:
 
-    augmented         the library's fine-tuning before 2e: augmented batches (as the baseline's
+    augmented         the library's fine-tuning before 2f: augmented batches (as the baseline's
                       training), carried optimizer state, cosine schedule after a 5% warm-up,
                       BatchNorm re-estimated on 40 batches after the cut
-    unaugmented       fine-tuning batches not augmented (the library's default since 2e)
+    unaugmented       fine-tuning batches not augmented (the library's default since 2f)
     fresh_optimizer   augmented, with zero momentum at the cut instead of the sliced state
     constant_lr       augmented, with a constant rate after the warm-up instead of the cosine
     no_recalibration  augmented, without re-estimating BatchNorm's statistics after the cut
 
-    python experiments/recovery.py --seeds 0 --out experiments/results/2e_recovery.json
-    python experiments/recovery.py --tiny --out /tmp/2e_tiny.json                   # smoke test
+    python experiments/recovery.py --seeds 0 --out experiments/results/2f_recovery.json
+    python experiments/recovery.py --tiny --out /tmp/2f_tiny.json                   # smoke test
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 import compare_methods  # noqa: E402  (its method variants and their pruning)
 
-# One change at a time to the fine-tuning the library did before 2e ("augmented"): (finetune
+# One change at a time to the fine-tuning the library did before 2f ("augmented"): (finetune
 # keywords, optimizer changes, re-estimate BatchNorm after the cut).
 FINETUNES: dict[str, tuple[dict, dict, bool]] = {
     "augmented": ({"augment": True}, {}, True),
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace, partial=None) -> dict:
 
 def record_of(args, started, baselines, rows, complete) -> dict:
     return _common.record(
-        "2e: recovery after pruning (ResNet-20, 3 epochs, 50% of the MACs, 1 epoch fine-tune)",
+        "2f: recovery after pruning (ResNet-20, 3 epochs, 50% of the MACs, 1 epoch fine-tune)",
         _common.settings_of(args),
         started,
         complete,

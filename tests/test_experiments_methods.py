@@ -1,4 +1,4 @@
-"""The small (``--tiny``) versions of experiments 2a and 2b, and the 2e config scripts.
+"""The small (``--tiny``) versions of experiments 2a 2b, 2f (recovery), and the 2e config scripts.
 
 The scripts live outside the package, so they are imported from their files and run in-process
 through ``main(argv)``; the JSON they write is checked for structure and sanity.
@@ -88,8 +88,8 @@ def test_compare_methods_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_recovery_tiny(tmp_path):
-    """2e: every (recipe, method, fine-tuning) row, from one cut per method and re-estimation."""
-    out = tmp_path / "2e.json"
+    """2f: every (recipe, method, fine-tuning) row, from one cut per method and re-estimation."""
+    out = tmp_path / "2f.json"
     script = load_script("recovery")
     script.main(["--tiny", "--workdir", str(tmp_path / "runs"), "--out", str(out)])
     result = json.loads(out.read_text())
