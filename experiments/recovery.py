@@ -1,10 +1,10 @@
 """2f: how well a pruned network recovers, and which part of the recipe decides it.
 
-The task a user compares against Torch-Pruning on, run as the CLI runs it: ResNet-20 on Fashion-MNIST, a
-3-epoch baseline, one cut to 50% of the MACs, 1 epoch of fine-tuning at a peak learning rate of
-0.02. For each baseline recipe (the library's augmented one, and one without augmentation) and
-each method, the loss of accuracy from the baseline after the fine-tune is recorded for the
-fine-tuning the library did before these runs and for one change at a time:
+A task users compare against Torch-Pruning on, run as the CLI runs it: ResNet-20 on
+Fashion-MNIST, a 3-epoch baseline, one cut to 50% of the MACs, 1 epoch of fine-tuning at a peak
+learning rate of 0.02. For each baseline recipe (the library's augmented one, and one without
+augmentation) and each method, the loss of accuracy from the baseline after the fine-tune is
+recorded for the fine-tuning the library did before these runs and for one change at a time:
 
     augmented         the library's fine-tuning before 2f: augmented batches (as the baseline's
                       training), carried optimizer state, cosine schedule after a 5% warm-up,
