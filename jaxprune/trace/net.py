@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxprune.graph import Layer
 from jaxprune.surgery import Keep
-from jaxprune.trace import interpret
+from jaxprune.trace import interpret, layers
 from jaxprune.trace import program as programs
 from jaxprune.trace.program import Program, path_names
 
@@ -259,7 +259,7 @@ class TracedNet:
 
     @functools.cached_property
     def _layers(self) -> list[Layer]:
-        return programs.layers(self.base)
+        return layers.layers(self.base)
 
     def count_params(self) -> int:
         """Scalars in the traced network's trainable parameters."""
