@@ -81,9 +81,46 @@ def test_traced_gate_gradients_equal_the_zoo_gates(name, input_shape):
     batches = [(x, jnp.arange(4) % 10)]
     traced = importance.taylor_fo_bn(net, variables, batches)
     declared = importance.taylor_fo_bn(arch, variables, batches)
+    for g_declared, g_traced in _traced_names(arch, net).items():
+        np.testing.assert_allclose(traced[g_traced], declared[g_declared], rtol=1e-4, atol=1e-9)
+
+
+def _traced_names(arch, net) -> dict[str, str]:
+    """Declared group -> the traced group indexing its first producer's kernel output axis."""
     by_signature = {m: g for g, m in net.base.group_signature().items()}
+    out = {}
     for g_declared in jp.groups(arch):
         layer = jp.group_layers(arch)[g_declared][0]
         kernel = ("params/" + "/".join(layer.path) + "/kernel", 3 if layer.kind == "conv" else 1)
-        g_traced = next(g for m, g in by_signature.items() if kernel in m)
-        np.testing.assert_allclose(traced[g_traced], declared[g_declared], rtol=1e-4, atol=1e-9)
+        out[g_declared] = next(g for m, g in by_signature.items() if kernel in m)
+    return out
+
+
+@pytest.mark.parametrize(
+    "criterion",
+    [
+        dict(name="gfi", signal="activation"),
+        dict(name="fsabp", mode="features"),
+        dict(name="fsabp", mode="weights"),
+        dict(name="l1"),
+        dict(name="fpgm"),
+    ],
+    ids=["gfi_activation", "fsabp_features", "fsabp_weights", "l1", "fpgm"],
+)
+def test_traced_feature_and_weight_scores_equal_the_zoo(criterion):
+    """The traced program's producer outputs (conv output + bias) and filters are the zoo's:
+    LeNet-5's feature, activation and weight scores agree."""
+    from jaxprune import importance
+
+    options = dict(criterion)
+    fn = importance.CRITERIA[options.pop("name")]
+    arch = _small("lenet5", None)
+    x = jax.random.normal(jax.random.key(1), (6, *arch.input_shape))
+    variables = jax.jit(arch.module().init)(jax.random.key(0), x)
+    net = jp.trace(lambda v, x: arch.module().apply(v, x, train=False), variables, x)
+    batches = [(x, jnp.array([0, 1, 1, 3, 0, 1]))]
+    traced = fn(net, variables, batches, **options)
+    declared = fn(arch, variables, batches, **options)
+    for g_declared, g_traced in _traced_names(arch, net).items():
+        # the same float32 arithmetic (convs of <= 150 products, Gram matrices): ~1e-6 relative
+        np.testing.assert_allclose(traced[g_traced], declared[g_declared], rtol=1e-5, atol=1e-6)

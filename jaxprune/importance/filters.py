@@ -8,6 +8,11 @@ the channel removes), so an L2 norm over it is ``sqrt(sum_l ||w_l[..., c]||^2)``
 ``sum_l ||w_l[..., c]||_1``, and distances between filters add up over the layers.
 Its *output map* is likewise the concatenation of every producer's output (before BatchNorm) over
 the positions of all images.
+
+The same functions serve the zoo and traced networks (`jaxprune.trace.TracedNet`): both describe
+their producers in ``layers()``; a network that computes its producers' outputs itself (a traced
+one reads them from its program) has a ``producer_outputs(variables, images, train)`` method, and
+the zoo's are captured with flax's ``capture_intermediates``.
 """
 
 import functools
@@ -22,11 +27,16 @@ from jaxprune.models.common import Conv
 
 
 def producers(arch: Architecture) -> dict[str, list[Layer]]:
-    """Group -> its conv and dense producer layers (no norm layers), in forward order."""
-    return {
-        g: [layer for layer in layers if layer.kind != "norm"]
-        for g, layers in group_layers(arch).items()
-    }
+    """Group -> its conv and dense producer layers (no norm layers), in forward order, one per
+    layer path (a traced conv reading a concatenation is described once per input segment)."""
+    out = {}
+    for g, layers in group_layers(arch).items():
+        first: dict[tuple[str, ...], Layer] = {}
+        for layer in layers:
+            if layer.kind != "norm":
+                first.setdefault(layer.path, layer)  # the first segment carries the bias
+        out[g] = list(first.values())
+    return out
 
 
 def _params_at(variables: Mapping, path: tuple[str, ...]) -> Mapping:
@@ -72,8 +82,12 @@ def producer_outputs(
 
     P is the layer's number of output positions (H * W; 1 for a dense layer). The conv output is
     taken before BatchNorm (with the conv's bias, for LeNet), via flax's ``capture_intermediates``
-    on the `jaxprune.models.common.Conv` and ``nn.Dense`` submodules: no model hook needed.
+    on the `jaxprune.models.common.Conv` and ``nn.Dense`` submodules: no model hook needed. A
+    network with its own ``producer_outputs`` method (a traced one) computes them itself.
     """
+    own = getattr(arch, "producer_outputs", None)
+    if own is not None:
+        return own(variables, images, train)
     model = arch.module()
     mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
     _, state = model.apply(

@@ -2,6 +2,11 @@
 
 Each prunes as it goes, calling the user's criterion on the current network and an optional
 fine-tune callback, and returns a `PruneResult` whose keep sets index the starting network.
+
+They run on zoo architectures and on traced networks (`jaxprune.trace.TracedNet`) alike: a traced
+network prunes itself (``net.narrowed``: the pruned program traced again, same group names) and
+masks itself (``net.mask``); `_prune` and `mask_channels` are the one place that tells the two
+apart.
 """
 
 import dataclasses
@@ -27,6 +32,7 @@ from jaxprune.select.budget import (
 )
 from jaxprune.select.oneshot import adaptive_with
 from jaxprune.surgery import prune
+from jaxprune.trace.net import TracedNet
 
 Criterion = Callable[[Architecture, Any], Scores]
 Evaluate = Callable[[Architecture, Any], float]
@@ -68,7 +74,8 @@ class PruneResult:
 
     Attributes:
       keep: ``{group: int64[k]}`` kept channels, as indices of the *starting* network.
-      arch: the pruned architecture (``jp.prune(start_arch, start_variables, keep)[0]``).
+      arch: the pruned architecture (``jp.prune(start_arch, start_variables, keep)[0]``; for a
+        traced network, a `jaxprune.trace.TracedNet` of the pruned program).
       variables: its variables, fine-tuned by the callback if one was given.
       log: one `LayerStep` per group (`backward`, `forward`) or `RoundStep` per round.
     """
@@ -84,8 +91,11 @@ def mask_channels(arch: Architecture, variables: Any, group: str, channels: Any)
 
     The network then computes exactly what it computes with those channels gated to zero (and so
     what the pruned network computes), at unchanged shapes: a candidate count is evaluated with
-    no recompilation.
+    no recompilation. A traced network zeroes every parameter indexing the channels
+    (`jaxprune.trace.TracedNet.mask`: its gates sit where channels are read).
     """
+    if isinstance(arch, TracedNet):
+        return arch.mask(variables, group, channels)
     channels = np.asarray(channels, np.int64)
     flat = traverse_util.flatten_dict(variables["params"])
     for layer in group_layers(arch)[group]:
@@ -97,8 +107,21 @@ def mask_channels(arch: Architecture, variables: Any, group: str, channels: Any)
     return {**variables, "params": traverse_util.unflatten_dict(flat)}
 
 
+def _prune(arch: Architecture, variables: Any, keep: Keep) -> tuple[Architecture, Any]:
+    """`jaxprune.prune`; a traced network's ``narrowed`` (the pruned network traced again)."""
+    if isinstance(arch, TracedNet):
+        return arch.narrowed(variables, keep)
+    return prune(arch, variables, keep)
+
+
 def conv_groups(arch: Architecture) -> list[str]:
-    """Groups produced by a convolution, in forward order (FSABP prunes these)."""
+    """Groups produced by a convolution, in forward order (FSABP prunes these).
+
+    Forward order is the order of ``jp.groups(arch)``: for the zoo, the order ``layers()``
+    declares; for a traced network, program order, i.e. the order in which the model's code first
+    runs each group's first producer (a residual stream comes where its first conv runs; parallel
+    branches in the order the code calls them).
+    """
     return [g for g, ls in group_layers(arch).items() if any(lr.kind == "conv" for lr in ls)]
 
 
@@ -167,7 +190,7 @@ def _sequential(
         )
         if width < n:
             kept = np.sort(ranking[n - width :])
-            arch, variables = prune(arch, variables, {group: kept})
+            arch, variables = _prune(arch, variables, {group: kept})
             origin[group] = origin[group][kept]
             if finetune is not None:
                 variables = finetune(arch, variables)
@@ -188,6 +211,8 @@ def backward(
     min_keep: int = 1,
 ) -> PruneResult:
     """FSABP's procedure: prune layer by layer from the last conv back to the first.
+
+    "Last to first" is `conv_groups` reversed (for a traced network: reverse program order).
 
     For each group: score the *current* network with ``criterion``, then bisect on the number of
     lowest-scored channels removed for the smallest width whose accuracy (``evaluate`` on held-out
@@ -302,7 +327,7 @@ def iterative(
             ranking,
             input_shape,
         )
-        arch, variables = prune(arch, variables, keep)
+        arch, variables = _prune(arch, variables, keep)
         origin = {g: origin[g][keep[g]] for g in origin}
         if finetune is not None:
             variables = finetune(arch, variables)

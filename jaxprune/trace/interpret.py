@@ -11,6 +11,10 @@ Both are an evaluation of the traced jaxpr, equation by equation, with sub-progr
   for the narrower classes, so XLA compiles a genuinely narrower program. Tensors made from
   nothing but a shape (``iota``, random bits) are made at full width and sliced, so they hold the
   kept channels' values.
+
+An evaluation can also hand back chosen intermediate values (`capture`): the criteria that read a
+layer's output (FSABP's feature maps, GFI-AP's class-mean activations) take their producers'
+outputs this way, with no hook in the model.
 """
 
 from collections.abc import Mapping
@@ -113,18 +117,38 @@ def slice_leaves(program: Program, leaves: list, kept: dict[Any, np.ndarray]) ->
     return out
 
 
+def mask_leaves(program: Program, leaves: list, kept: dict[Any, np.ndarray], which) -> list:
+    """The leaves numbered in ``which`` with every axis of a changing class zeroed outside its
+    kept indices (shapes unchanged); the other leaves as given."""
+    out = []
+    for i, leaf in enumerate(leaves):
+        value = leaf
+        for axis in range(len(shape(program.invars[i])) if i in which else 0):
+            idx = kept.get(program.leaf_root(i, axis))
+            if idx is not None:
+                mask = np.zeros(np.shape(leaf)[axis], np.float32)
+                mask[idx] = 1.0
+                bshape = [1] * np.ndim(leaf)
+                bshape[axis] = -1
+                value = value * jnp.asarray(mask.reshape(bshape), jnp.asarray(leaf).dtype)
+        out.append(value)
+    return out
+
+
 # Made from nothing but their shape, with values that depend on the channel index (iota) or that
 # should match the unpruned program (random bits, e.g. dropout masks): made full, then sliced.
 FULL_THEN_SLICED = frozenset({"iota", "random_bits"})
 
 
 class _Run:
-    def __init__(self, program: Program, gates=None, kept=None):
+    def __init__(self, program: Program, gates=None, kept=None, capture=frozenset()):
         self.program = program
         self.graph = program.graph
         self.gates = gates or {}
         self.kept = kept or {}
         self.new_size = {root: len(idx) for root, idx in self.kept.items()}
+        self.capture = capture
+        self.captured: dict[Any, jax.Array] = {}
 
     def new_shape(self, var) -> tuple[int, ...]:
         return tuple(
@@ -160,6 +184,8 @@ class _Run:
             for var, val in zip(eqn.outvars, outs, strict=False):
                 if is_var(var):
                     env[var] = val
+                    if var in self.capture:
+                        self.captured[var] = val
         return [read(v) for v in jaxpr.outvars]
 
     def bind(self, eqn, invals):
@@ -210,3 +236,14 @@ def run(program: Program, leaves: list, x_leaves: list, gates=None, kept=None) -
     """Evaluates the program on variable leaves (sliced when ``kept``) and input leaves."""
     closed = program.closed
     return _Run(program, gates, kept).eval(closed.jaxpr, closed.consts, [*leaves, *x_leaves])
+
+
+def capture(
+    program: Program, leaves: list, x_leaves: list, values: frozenset
+) -> dict[Any, jax.Array]:
+    """Evaluates the program (ungated, unpruned) and returns the values of the jaxpr Vars
+    ``values``: ``{var: array}``."""
+    closed = program.closed
+    run_ = _Run(program, capture=values)
+    run_.eval(closed.jaxpr, closed.consts, [*leaves, *x_leaves])
+    return run_.captured

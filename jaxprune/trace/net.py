@@ -10,6 +10,10 @@ A `TracedNet` also has what jaxprune's criteria, selection and counting read fro
 (``layers()``, ``module().apply(variables, x, train=False, gates=...)``, ``num_classes``,
 ``input_shape``), so ``importance.l1(net, variables)``, ``select.adaptive(net, scores, ...)`` and
 ``jp.count_macs(net)`` work on it unchanged. For NNX the criteria take ``net.variables(module)``.
+Three more methods serve the criteria and procedures that need more than gates and weights:
+``producer_outputs`` (the layers' outputs: FSABP's feature maps, GFI-AP's activations), ``mask``
+(channels zeroed at unchanged shapes) and ``narrowed`` (the pruned network, traced again: what
+`jaxprune.prune` is to the zoo, for the sequential policies).
 """
 
 import functools
@@ -17,16 +21,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.graph import Layer
 from jaxprune.surgery import Keep
-from jaxprune.trace import interpret
+from jaxprune.trace import interpret, layers
 from jaxprune.trace import program as programs
 from jaxprune.trace.program import Program, path_names
 
 
-def trace(model: Any, *args: Any, name: str = "traced") -> "TracedNet":
+def trace(
+    model: Any, *args: Any, name: str = "traced", train_kwargs: Mapping | None = None
+) -> "TracedNet":
     """Traces a model and finds its prunable channel groups.
 
     Args:
@@ -35,6 +42,10 @@ def trace(model: Any, *args: Any, name: str = "traced") -> "TracedNet":
       *args: ``(variables, x)`` for a function, ``(x,)`` for an NNX module. ``x`` is an example
         batch (its shape is traced; other batch sizes are traced again when used).
       name: the network's name (reports).
+      train_kwargs: a function's keyword arguments for train mode (BatchNorm on the batch's
+        statistics), e.g. ``{'train': True, 'mutable': ['batch_stats']}`` for a linen
+        ``model.apply``; read by criteria that score in train mode (GFI-AP's authors' variant).
+        NNX modules need none: their train mode is ``module.train()``.
 
     Returns:
       a `TracedNet`.
@@ -48,24 +59,38 @@ def trace(model: Any, *args: Any, name: str = "traced") -> "TracedNet":
     if isinstance(model, nnx.Module):
         if len(args) != 1:
             raise TypeError("jp.trace(nnx_module, x): give the module and one example input")
+        if train_kwargs is not None:
+            raise TypeError("an NNX module's train mode is module.train(): give no train_kwargs")
         graphdef, state = nnx.split(model)
         params = {
             path_names(p)
             for p, _ in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
         }
         fn = functools.partial(_nnx_call, graphdef)
-        return TracedNet(fn, state, args[0], name, "nnx", graphdef=graphdef, param_paths=params)
+        return TracedNet(
+            fn,
+            state,
+            args[0],
+            name,
+            "nnx",
+            graphdef=graphdef,
+            param_paths=params,
+            train_kwargs={"train": True},
+        )
     if not callable(model):
         raise TypeError(f"jp.trace needs a function or an nnx.Module, got {type(model).__name__}")
     if len(args) != 2:
         raise TypeError("jp.trace(fn, variables, x): give the function, its variables and x")
-    return TracedNet(model, args[0], args[1], name, "fn")
+    return TracedNet(model, args[0], args[1], name, "fn", train_kwargs=train_kwargs)
 
 
-def _nnx_call(graphdef, state, x):
+def _nnx_call(graphdef, state, x, train: bool = False):
     from flax import nnx
 
-    return nnx.merge(graphdef, state)(x)
+    module = nnx.merge(graphdef, state)
+    if train:
+        module.train()
+    return module(x)
 
 
 def _struct(tree):
@@ -78,11 +103,14 @@ class TracedNet:
     Hashable by identity, so it can be the static ``arch`` argument of jitted criteria.
     """
 
-    def __init__(self, fn, variables, x, name, kind, graphdef=None, param_paths=None):
+    def __init__(
+        self, fn, variables, x, name, kind, graphdef=None, param_paths=None, train_kwargs=None
+    ):
         self.fn = fn
         self.kind = kind
         self.name = name
         self.graphdef = graphdef
+        self.train_kwargs = None if train_kwargs is None else dict(train_kwargs)
         leaves, self.treedef = jax.tree_util.tree_flatten(variables)
         self.var_struct = _struct(variables)
         self.x_struct = _struct(x)
@@ -173,6 +201,19 @@ class TracedNet:
                 )
         return leaves
 
+    def _with_leaves(self, variables, leaves: list):
+        """``variables`` (in the form `_leaves` reads) with its traced leaves replaced."""
+        flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
+        if treedef == self.treedef:
+            return jax.tree.unflatten(treedef, leaves)
+        index = {path: i for i, path in enumerate(self.base.paths)}
+        out = []
+        for p, leaf in flat:
+            path = path_names(p)
+            i = index.get(path, index.get(path[1:]) if path[:1] == ("params",) else None)
+            out.append(leaf if i is None else leaves[i])
+        return jax.tree.unflatten(treedef, out)
+
     def variables(self, module) -> dict:
         """An NNX module's state as ``{'params': nested dict, string keys}``: what the criteria
         take (they read ``variables['params'][layer path]['kernel']``)."""
@@ -248,6 +289,97 @@ class TracedNet:
 
         return apply2, variables2
 
+    def narrowed(self, variables, keep: Keep) -> tuple["TracedNet", Any]:
+        """The pruned network, traced again, and its variables: what `jaxprune.prune` returns for
+        a zoo architecture, so procedures that prune as they go (`jaxprune.select.backward`,
+        `forward`, `iterative`) run on traced networks. Group names are kept.
+
+        Returns:
+          ``(net2, variables2)``: linen/fn: ``net2`` traces ``net.prune``'s ``apply2`` and
+          ``variables2`` is its variable tree; NNX: ``net2`` traces the narrower module and
+          ``variables2 = net2.variables(module2)`` (the module: ``net2.prune(variables2, {})``).
+        """
+        if self.kind == "nnx":
+            small = self.prune(variables, keep)
+            net = trace(small, self.x_struct, name=self.name)
+            out = net, net.variables(small)
+        else:
+            apply2, variables2 = self.prune(variables, keep)
+            net = TracedNet(
+                apply2, variables2, self.x_struct, self.name, "fn", train_kwargs=self.train_kwargs
+            )
+            out = net, variables2
+        if list(net.groups) != list(self.groups):
+            raise AssertionError(
+                f"pruning renamed groups: {list(self.groups)} -> {list(net.groups)}"
+            )
+        return out
+
+    def mask(self, variables, group: str, channels) -> Any:
+        """``variables`` with ``channels`` of ``group`` zeroed in every parameter indexing them
+        (producers' kernels, biases and norm scales and shifts, consumers' input rows), at
+        unchanged shapes: the network then computes what it computes with those channels' gates
+        at zero, which is what the pruned network computes, with no recompilation.
+
+        Args:
+          variables: the network's variables (as the criteria take them).
+          group: a group of ``net.groups``.
+          channels: int[m] channel indices to zero.
+        """
+        full = {g: np.arange(n) for g, n in self.groups.items()}
+        full[group] = np.setdiff1d(full[group], np.asarray(channels, np.int64))
+        kept = interpret.keep_indices(self.base, full)
+        leaves = interpret.mask_leaves(self.base, self._leaves(variables), kept, self.param_leaves)
+        return self._with_leaves(variables, leaves)
+
+    def producer_outputs(self, variables, images, train: bool = False) -> dict[str, list]:
+        """Every group's producers' outputs for one batch: group -> [f32[N, P, n]], program order.
+
+        A producer is a conv or dense layer whose output channels the group indexes; its output
+        is read where the contraction computes it, plus the layer's bias where it has one (before
+        any normalisation), as `jaxprune.importance.filters.producer_outputs` reads the zoo's. P:
+        output positions per example (H * W for a conv, 1 for a dense layer on vectors).
+
+        Args:
+          variables: the network's variables.
+          images: one batch, shaped like the traced input except for the batch size.
+          train: run in train mode (BatchNorm on the batch's statistics, running statistics not
+            updated): ``train_kwargs`` given to `trace`; NNX: ``module.train()``.
+        """
+        kwargs = self._train_kwargs() if train else {}
+        prog = self.program(images, kwargs)
+        names = prog.name_of()
+        producers = [c for c in prog.contractions if c.out_root in names]
+        leaves = self._leaves(variables)
+        values = interpret.capture(
+            prog, leaves, self._inputs(images, kwargs), frozenset(c.out_var for c in producers)
+        )
+        batch = prog.root(prog.invars[prog.num_vars], 0)
+        out: dict[str, list] = {g: [] for g in prog.groups}
+        for c in producers:
+            y = values[c.out_var].astype(jnp.float32)
+            bias = layers.bias_leaf(prog, c, layers.module_path(prog.paths[c.leaf]))
+            if bias is not None:
+                y = y + jnp.expand_dims(leaves[bias], [a for a in range(y.ndim) if a != c.out_axis])
+            batch_axes = [a for a in range(y.ndim) if prog.root(c.out_var, a) == batch]
+            if len(batch_axes) != 1:
+                raise ValueError(
+                    f"the output of {'/'.join(prog.paths[c.leaf])} has no single batch axis: its "
+                    f"outputs cannot be read per example"
+                )
+            y = jnp.moveaxis(y, (batch_axes[0], c.out_axis), (0, -1))
+            out[names[c.out_root]].append(y.reshape(y.shape[0], -1, y.shape[-1]))
+        return out
+
+    def _train_kwargs(self) -> dict:
+        if self.train_kwargs is None:
+            raise ValueError(
+                "this criterion runs the network in train mode: trace it with "
+                "jp.trace(fn, variables, x, train_kwargs=...), e.g. "
+                "train_kwargs={'train': True, 'mutable': ['batch_stats']} for a linen model.apply"
+            )
+        return self.train_kwargs
+
     # -- the Architecture duck type ------------------------------------------------------------
     def layers(self, input_shape: tuple | None = None) -> list[Layer]:
         if input_shape is not None and tuple(input_shape) != self.input_shape:
@@ -259,7 +391,7 @@ class TracedNet:
 
     @functools.cached_property
     def _layers(self) -> list[Layer]:
-        return programs.layers(self.base)
+        return layers.layers(self.base)
 
     def count_params(self) -> int:
         """Scalars in the traced network's trainable parameters."""
