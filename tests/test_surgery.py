@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import random_variables, small_arch
+from conftest import F32_EPS, pass_ulps, random_variables, small_arch
 
 import jaxprune as jp
 
@@ -50,7 +50,8 @@ def test_pruned_equals_gated(name):
 
     assert jp.groups(pruned_arch) == {g: len(i) for g, i in keep.items()}
     assert jp.count_macs(pruned_arch) < jp.count_macs(arch)
-    assert relative_error(pruned, gated) < 1e-4
+    # Two forward passes whose sums differ in length (the pruned widths).
+    assert relative_error(pruned, gated) <= pass_ulps(variables) * F32_EPS
 
 
 @pytest.mark.parametrize(
