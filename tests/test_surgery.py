@@ -27,14 +27,17 @@ def relative_error(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-# The deepest models are the slowest to build and trace; their structure repeats the shallower
-# ones', so they run in the slow tier only.
-_DEEP = {"resnet32", "resnet34", "resnet50", "resnet56", "resnet101", "resnet110", "vgg19"}
+# Models whose structure repeats a shallower one's of their family (more blocks or layers of the
+# same kinds): the slow tier only.
+_REPEATS = {
+    *("resnet18", "resnet32", "resnet34", "resnet50", "resnet56", "resnet101", "resnet110"),
+    *("vgg13", "vgg16", "vgg19"),
+}
 
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.slow) if n in _DEEP else n for n in jp.models.names()],
+    [pytest.param(n, marks=pytest.mark.slow) if n in _REPEATS else n for n in jp.models.names()],
 )
 def test_pruned_equals_gated(name):
     arch = small_arch(name)
