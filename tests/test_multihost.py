@@ -73,7 +73,7 @@ def test_two_processes_with_two_devices_each_match_one_device(tmp_path):
     for a, b in zip(train_rows["multi"], train_rows["single"], strict=True):
         # A mean over the batch summed in another order: as in test_train's 1-vs-8-device test.
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(
-            b["loss"], abs=32 * F32_EPS * b["loss"]
+            b["loss"], abs=64 * F32_EPS * b["loss"]
         )
     assert rows["multi"][-1]["accuracy"] == rows["single"][-1]["accuracy"]
     # The checkpoint the two processes wrote together restores in one.
