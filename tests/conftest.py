@@ -1,4 +1,4 @@
-"""Shared fixtures: random, non-trivial variables for any architecture."""
+"""Shared fixtures and helpers: random variables for any architecture, float32 tolerances."""
 
 import os
 
@@ -150,3 +150,41 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23: one float32 ulp of 1.0
+
+
+def assert_close_in_ulps(got, want, ulps: float) -> None:
+    """``|got - want| <= ulps`` float32 ulps of ``want``'s largest magnitude, entry by entry.
+
+    The rounding of a float32 sum is relative to the magnitude of its terms, not of its result: an
+    entry near zero carries the rounding of the large ones. So the bound is in ulps of the compared
+    quantity's scale, whatever the CPU's kernels; each caller says where its ``ulps`` comes from.
+    """
+    want = np.asarray(want, np.float64)
+    got = np.asarray(got, np.float64)
+    scale = float(np.abs(want).max(initial=0.0))
+    if scale == 0.0:
+        np.testing.assert_array_equal(got, want)
+        return
+    error_ulps = float(np.abs(got - want).max()) / (F32_EPS * scale)
+    assert error_ulps <= ulps, (
+        f"error {error_ulps:.1f} ulps of the scale {scale:.3g}, over the bound of {ulps:.1f}"
+    )
+
+
+def pass_ulps(variables) -> float:
+    """Ulps of its scale by which one pass through a network (forward or backward) may differ
+    between two float32 programs that sum in other orders (fusions, kernels, pruned widths).
+
+    Each layer sums fan-in terms, rounding by about sqrt(fan-in) ulps of their scale (rounding
+    errors of a sum add like a random walk: Higham and Mary, SIAM J. Sci. Comput. 2019); the
+    layers' errors add.
+    """
+    kernels = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+        if path[-1].key == "kernel"
+    ]
+    return sum(float(np.sqrt(np.prod(k.shape[:-1]))) for k in kernels)

@@ -159,6 +159,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, ca
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and rows[-1]["loss"] is None
 
 
+@pytest.mark.slow  # test_reliability's diverging runs cover this in the fast tier
 def test_diverging_learning_rate_is_stopped(tmp_path, capsys):
     argv = ["train", "--model", "lenet5", *TRAIN, "--steps", "6", "--lr", "1e9"]
     code, _, err = run([*argv, "--warmup-steps", "0", "--workdir", tmp_path / "div"], capsys)

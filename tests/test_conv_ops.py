@@ -186,7 +186,19 @@ def _all_forms():
     return [FixedForms(*c) for c in itertools.product(forward, forward, kernel_grad)]
 
 
-@pytest.mark.parametrize("forms", _all_forms(), ids=lambda f: "-".join(vars(f).values()))
+def _form_params():
+    """Every combination of forms; the fast tier keeps those that use one form in every direction,
+    and XLA's with the rowshift kernel gradient: each form, in each direction, once."""
+    params = []
+    for forms in _all_forms():
+        one_form = forms.forward == forms.input_grad == forms.kernel_grad
+        rowshift = forms == FixedForms("xla", "xla", "rowshift")
+        marks = () if one_form or rowshift else pytest.mark.slow
+        params.append(pytest.param(forms, marks=marks, id="-".join(vars(forms).values())))
+    return params
+
+
+@pytest.mark.parametrize("forms", _form_params())
 def test_every_direction_form_matches_lax_conv(forms):
     for case in [(2, 6, 7, 3, 4, 3, 1, 1), (1, 7, 6, 2, 3, 3, 2, 1)]:
         *_, stride, padding = case
@@ -291,13 +303,14 @@ def test_auto_hands_narrow_and_pointwise_convolutions_to_onednn_on_cpu(monkeypat
 # "matmul": the im2col forms; "auto" at 40 channels and more: Winograd's forward pass and input
 # gradient with XLA's kernel gradient where the library is loaded (else XLA's forms, at 2x2 pixels
 # the im2col ones), at 24 -> 32 channels oneDNN's kernel gradient; "onednn": stride 1 and 2.
+# The fast tier keeps one case of each family of forms (im2col, Winograd, oneDNN).
 IMPL_CASES = [
     ("matmul", (2, 6, 7, 3, 4, 3, 1, 1)),
-    ("auto", (1, 2, 2, 40, 48, 3, 1, 1)),
+    pytest.param("auto", (1, 2, 2, 40, 48, 3, 1, 1), marks=pytest.mark.slow),
     ("auto", (1, 16, 16, 40, 48, 3, 1, 1)),
-    ("auto", (2, 5, 6, 24, 32, 3, 1, 1)),
+    pytest.param("auto", (2, 5, 6, 24, 32, 3, 1, 1), marks=pytest.mark.slow),
     pytest.param("onednn", (2, 6, 7, 3, 4, 3, 1, 1), marks=needs_onednn),
-    pytest.param("onednn", (2, 9, 8, 4, 3, 3, 2, 1), marks=needs_onednn),
+    pytest.param("onednn", (2, 9, 8, 4, 3, 3, 2, 1), marks=[needs_onednn, pytest.mark.slow]),
 ]
 IMPL_IDS = ["matmul", "auto-2px", "auto-16px", "auto-24ch", "onednn", "onednn-stride2"]
 
@@ -378,6 +391,7 @@ def test_bfloat16(layer, impl, case):
 # oneDNN and Winograd.
 
 
+@pytest.mark.slow  # compiles second-order programs; test_forward_over_reverse checks the values
 @needs_onednn
 def test_onednn_second_order_stays_on_onednn(layer):
     case = (2, 6, 7, 3, 4, 3, 2, 1)
@@ -510,6 +524,7 @@ def _eight_device_bound(k_terms):
     return 2 * _chain_bound((1, 1, 1, k_terms, 1, 1, 1, 0), 2, k_terms**0.5)
 
 
+@pytest.mark.slow  # a fresh process with eight devices
 @needs_onednn
 def test_onednn_under_jit_over_eight_devices_convolves_each_devices_rows():
     err, gathers, calls = _grad_over_eight_devices("onednn", (16, 8, 8, 4), (3, 3, 4, 6), 2)
@@ -519,6 +534,7 @@ def test_onednn_under_jit_over_eight_devices_convolves_each_devices_rows():
     assert all("f32[2,8,8,4]" in line for line in calls if "conv_fwd" in line or "weights" in line)
 
 
+@pytest.mark.slow  # a fresh process with eight devices
 @needs_winograd
 def test_winograd_under_jit_over_eight_devices_convolves_each_devices_rows():
     err, gathers, calls = _grad_over_eight_devices("auto", (16, 6, 6, 40), (3, 3, 40, 36), 1)

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import jaxprune.cpu
 from jaxprune import ops
 from jaxprune.cpu import allocator, xla_cpu
@@ -73,6 +75,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow  # a fresh process; the CLI tests and the demo take this path too
 def test_enable_before_the_backend_starts_turns_everything_on():
     record = json.loads(_run(ENABLE_PROBE, PROBE_LATE="0").stdout)
     tested = xla_cpu._jaxlib_major_minor() in xla_cpu.TESTED_JAXLIB
@@ -93,6 +96,7 @@ def test_enable_after_the_backend_started_warns_and_still_installs_the_plan():
         assert "convolution plan is on" in message
 
 
+@pytest.mark.slow  # a fresh process
 def test_opting_out_by_environment_is_no_late_warning():
     env = {xla_cpu.OPT_OUT_ENV: "0", allocator.ALLOCATOR_ENV: "system", "PROBE_LATE": "1"}
     record = json.loads(_run(ENABLE_PROBE, **env).stdout)

@@ -102,7 +102,9 @@ def test_bf16_compute_keeps_float32_params():
     assert all(
         v.dtype == jnp.float32 for v in jax.tree.leaves(half_model.init(jax.random.key(0), x))
     )
-    assert float(jnp.max(jnp.abs(half - full))) < 0.1 * float(jnp.max(jnp.abs(full))) + 0.1
+    # bfloat16 keeps 8 significant bits: each of ResNet-20's ~20 layers rounds its activations by
+    # up to 2**-8 of their scale, a few percent through the network; 10% of the logits' scale.
+    assert float(jnp.max(jnp.abs(half - full))) < 0.1 * float(jnp.max(jnp.abs(full)))
 
 
 def test_unknown_gate_group_raises():

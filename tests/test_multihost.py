@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import F32_EPS
 
 from jaxprune import checkpoint, cli, pipeline
 from jaxprune.train import MetricsLog
@@ -70,7 +71,10 @@ def test_two_processes_with_two_devices_each_match_one_device(tmp_path):
     train_rows = {k: [r for r in v if "learning_rate" in r] for k, v in rows.items()}
     assert [r["num_devices"] for r in train_rows["multi"]] == [4] * 6
     for a, b in zip(train_rows["multi"], train_rows["single"], strict=True):
-        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        # A mean over the batch summed in another order: as in test_train's 1-vs-8-device test.
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(
+            b["loss"], abs=64 * F32_EPS * b["loss"]
+        )
     assert rows["multi"][-1]["accuracy"] == rows["single"][-1]["accuracy"]
     # The checkpoint the two processes wrote together restores in one.
     assert checkpoint.steps(multi) == [3, 6]

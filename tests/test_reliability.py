@@ -110,6 +110,7 @@ def test_two_processes_racing_for_one_workdir(tmp_path):
     assert workdirs.writer_pid(workdir) is None
 
 
+@pytest.mark.slow  # a fresh process starts JAX and is killed
 def test_kill_9_releases_the_lock(tmp_path):
     workdir = tmp_path / "run"
     first = subprocess.Popen(
@@ -145,6 +146,7 @@ def _hold_lock(workdir: Path) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow  # a second process writes the workdir while this one evaluates it
 def test_eval_reads_the_last_finished_step_of_a_workdir_being_written(trained, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(trained, workdir)
@@ -232,7 +234,7 @@ def test_a_finite_loss_with_an_infinite_gradient_or_parameters_stops_the_run(
     assert saved == [2] and "last good checkpoint is step 2" in str(stopped.value)
 
 
-@pytest.mark.parametrize("lr", ["30", "1e3"])
+@pytest.mark.parametrize("lr", ["30", pytest.param("1e3", marks=pytest.mark.slow)])
 def test_a_diverging_run_names_a_checkpoint_that_evaluates_finite(tmp_path, capsys, lr):
     workdir = tmp_path / "div"
     argv = ["train", *SMALL, "--steps", "32", "--checkpoint-every", "1", "--keep-checkpoints"]
@@ -384,6 +386,7 @@ def _can_mount_read_only() -> bool:
     return done.returncode == 0
 
 
+@pytest.mark.slow  # trains and evaluates in a fresh process under a read-only mount
 @pytest.mark.skipif(not _can_mount_read_only(), reason="needs unshare -m and mount (root)")
 def test_eval_and_train_on_a_read_only_file_system(trained, tmp_path):
     workdir = tmp_path / "copy"
@@ -433,6 +436,7 @@ def test_prune_into_a_folder_that_is_not_a_workdir_is_refused(trained, tmp_path,
     assert sorted(p.name for p in out.iterdir()) == ["cat.jpg"]
 
 
+@pytest.mark.slow  # trains, stops and resumes a run
 def test_the_epoch_summary_after_a_resume_says_which_steps_it_covers(tmp_path, capsys):
     argv = ["train", *SMALL, "--steps", "16", "--workdir", tmp_path / "w"]
     code, out, err = run([*argv, "--stop-at", "10"], capsys)

@@ -1,13 +1,12 @@
 """Selection policies: budgets land, widths are legal, impossible requests are refused."""
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_variables, tiny_resnet
+from conftest import assert_close_in_ulps, pass_ulps, random_variables, tiny_resnet
 
 import jaxprune as jp
 from jaxprune import importance as imp
@@ -34,17 +33,13 @@ def macs_kept(arch, keep) -> float:
 def test_adaptive_lands_on_macs_budget_non_uniformly(name, round_to):
     arch = jp.models.create(name)
     sizes = jp.groups(arch)
-    start = time.perf_counter()
     keep = select.adaptive(arch, skewed_scores(arch), macs_ratio=0.5, round_to=round_to)
-    elapsed_s = time.perf_counter() - start
-    print(f"adaptive {name} round_to={round_to}: {elapsed_s:.3f} s for {sum(sizes.values())} ch")
     assert 0.49 <= macs_kept(arch, keep) <= 0.5
     fractions = np.array([len(keep[g]) / n for g, n in sizes.items()])
     assert fractions.std() > 0.05  # non-uniform
     for g, n in sizes.items():
         assert len(keep[g]) == n or len(keep[g]) % round_to == 0
         assert np.all(np.diff(keep[g]) > 0)
-    assert elapsed_s < 2.0
 
 
 def test_adaptive_removes_lowest_scores_first():
@@ -153,7 +148,7 @@ def test_masked_network_equals_gated_network(name):
     apply = jax.jit(arch.module().apply)
     gated = apply(variables, x, gates=gates)
     masked = apply(select.mask_channels(arch, variables, group, drop), x)
-    np.testing.assert_allclose(masked, gated, rtol=1e-5, atol=1e-6)
+    assert_close_in_ulps(masked, gated, pass_ulps(variables))  # two forward passes
 
 
 def dead_channel_accuracy(start_arch):
@@ -226,7 +221,8 @@ def test_backward_fsabp_on_trained_lenet(fashion_lenet):
     final = evaluate(result.arch, result.variables)
     print(f"FSABP backward: {start:.4f} -> {final:.4f}, widths {jp.groups(result.arch)}")
     assert final >= start - 0.02
-    assert final == pytest.approx(result.log[-1].accuracy, abs=1e-3)  # masked == pruned
+    # masked == pruned, but rounding may flip one image whose two top logits nearly tie.
+    assert final == pytest.approx(result.log[-1].accuracy, abs=1 / len(labels))
     assert [s.group for s in result.log] == ["conv2", "conv1"]
     assert jp.count_macs(result.arch) < jp.count_macs(arch)
 
