@@ -11,7 +11,7 @@ from flax import nnx
 import jaxprune as jp
 from tests import trace_models as tm
 
-SLOW = {"resnet18", "mobilenetv2"}  # fixtures alone take 30-70 s on a shared 2-core CPU
+SLOW = {"resnet18", "mobilenetv2"}  # the largest test models: their fixtures dominate the file
 MODELS = [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in tm.LINEN]
 X_SHAPE = (2, 32, 32, 3)
 

@@ -58,7 +58,7 @@ from jaxprune.importance.hessian import Diagonal, second_order_step
 
 
 class Signal(enum.StrEnum):
-    GRADIENT = "gradient"  # gate gradients (the user's design card)
+    GRADIENT = "gradient"  # gate gradients (jax.grad with respect to per-channel gates)
     ACTIVATION = "activation"  # class-wise mean activations (the authors' released code)
 
 
