@@ -85,6 +85,11 @@ def test_rounds_reach_the_budget_and_keep_the_cap_of_the_start(resnet20_run, tmp
     first = json.loads((out / "rounds" / "round1" / "prune.json").read_text())
     start = first["widths_before"]
     assert record["macs_after"] <= 0.5 * first["macs_before"] * (1 + 1e-9)
+    # the final record describes the whole run: the network it started from, before
+    assert {k: record[k] for k in first if k.endswith("_before")} == {
+        k: first[k] for k in first if k.endswith("_before")
+    }
+    assert record["macs_after"] / record["macs_before"] <= 0.5 * (1 + 1e-9)
     for g, n in start.items():
         assert record["widths_after"][g] >= np.ceil(0.4 * n - 1e-9), g
 
@@ -125,3 +130,5 @@ def test_layerwise_cuts_the_one_shot_choice_one_group_at_a_time(tmp_path_factory
     first = json.loads((tmp_path / "layered" / "rounds" / "layer1" / "prune.json").read_text())
     assert first["widths_after"]["conv1"] == one_shot["widths_after"]["conv1"]
     assert first["widths_after"]["conv2"] == first["widths_before"]["conv2"]
+    for key in ("widths_before", "macs_before", "params_before"):  # the whole run's record
+        assert layered[key] == one_shot[key]

@@ -180,10 +180,13 @@ def _write_pruned(
     evaluate_before_after: bool,
     recalibrate_batches: int,
     verbose: bool,
+    started_from: Mapping[str, Any] | None = None,
 ) -> dict:
     """Prunes ``source`` to ``keep`` and saves it as step 0 of ``out``, with its records.
 
-    ``source`` is the checkpoint at ``step`` of ``workdir``; ``how`` says how ``keep`` was chosen.
+    ``source`` is the checkpoint at ``step`` of ``workdir``; ``how`` says how ``keep`` was chosen;
+    ``started_from`` replaces the record's ``*_before`` fields (the last step of a run in several
+    rounds or layers describes the network the run started from).
     BatchNorm's statistics are re-estimated on ``recalibrate_batches`` unaugmented training
     batches (0: kept as sliced).
     """
@@ -222,6 +225,7 @@ def _write_pruned(
         if pruned_variables is not cut_variables:
             record["accuracy_at_cut"] = evaluate(state_of(cut_variables))["accuracy"]
         record["accuracy_after"] = evaluate(pruned_state)["accuracy"]
+    record.update(started_from or {})
     out.mkdir(parents=True, exist_ok=True)
     pruned_meta = {
         "arch": pruned_arch.to_dict(),
@@ -290,6 +294,7 @@ def _prune_once(
     devices: Sequence[jax.Device] | None,
     verbose: bool,
     extra: Mapping[str, Any] | None = None,
+    started_from: Mapping[str, Any] | None = None,
 ) -> dict:
     source = loading.load_run(workdir, step, meta, config, devices)
     keep, how = _choose(source, budget, selection, verbose)
@@ -303,7 +308,13 @@ def _prune_once(
         evaluate_before_after,
         recalibrate_batches,
         verbose,
+        started_from,
     )
+
+
+def _before_fields(record: Mapping[str, Any]) -> dict:
+    """The fields of a prune record that describe the network before the cut."""
+    return {k: v for k, v in record.items() if k.endswith("_before")}
 
 
 def _prune_layerwise(
@@ -331,7 +342,7 @@ def _prune_layerwise(
         return _write_pruned(
             workdir, step, source, out, keep, how, evaluate_before_after, 0, verbose
         )
-    current, current_step = Path(workdir), step
+    current, current_step, started_from = Path(workdir), step, None
     for i, group in enumerate(order, start=1):
         last = i == len(order)
         layer_out = out if last else out / "rounds" / f"layer{i}"
@@ -351,7 +362,9 @@ def _prune_layerwise(
             evaluate_before_after and last,
             recalibrate_batches,
             verbose,
+            started_from,
         )
+        started_from = started_from or _before_fields(record)
         if not last:
             finetune(
                 layer_out,
@@ -400,8 +413,9 @@ def prune(
     With ``rounds=K > 1`` the budget is reached in K rounds of pruning, re-scoring and
     ``round_steps`` fine-tuning steps (Taylor-FO-BN's protocol); round i keeps
     ``1 - (1 - ratio) * i / K`` of the starting cost. The rounds' workdirs stay in
-    ``out/rounds/``; the last is written to ``out``. ``max_pruning_ratio`` holds against the
-    starting widths.
+    ``out/rounds/``; the last is written to ``out``, its record's ``*_before`` fields describing
+    the network the first round started from. ``max_pruning_ratio`` holds against the starting
+    widths.
 
     Args:
       workdir: the trained (or fine-tuned) run.
@@ -472,7 +486,7 @@ def prune(
         )
     )
     round_rules = dataclasses.replace(selection.rules, max_pruning_ratio=None, at_least=floors)
-    current, current_step, history = Path(workdir), step, []
+    current, current_step, history, started_from = Path(workdir), step, [], None
     for i in range(1, rounds + 1):
         target = 1.0 - (1.0 - budget.ratio) * i / rounds
         now = CostModel.build(models.from_dict(meta["arch"]), budget.kind)
@@ -492,8 +506,10 @@ def prune(
             round_budget,
             round_selection,
             extra=extra,
+            started_from=started_from,
             **common_args,
         )
+        started_from = started_from or _before_fields(record)
         history = [
             *history,
             {
