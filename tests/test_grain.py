@@ -80,7 +80,7 @@ def test_jpeg_records_decode_to_their_images(jpeg_dir):
 
 def test_augmented_batches_have_model_shapes(jpeg):
     images, labels = next(data.train_batches(jpeg, global_batch_size=4, seed=0))
-    assert images.shape == (4, 32, 32, 3) and images.dtype == np.float32
+    assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
     assert labels.shape == (4,) and labels.dtype == np.int32
     # The same step without augmentation differs (random crops and flips).
     plain, _ = next(data.train_batches(jpeg, global_batch_size=4, seed=0, augment=False))

@@ -87,7 +87,8 @@ def _batches(mesh, dataset, num_steps, start_step=0):
         dataset, global_batch_size=32, seed=0, start_step=start_step, num_steps=num_steps
     )
     for images, labels in local:
-        yield train.global_batch(mesh, images, labels)
+        images, labels = train.global_batch(mesh, images, labels)
+        yield data.normalize(images, dataset.mean, dataset.std), labels
 
 
 def test_train_step_compiles_once_across_steps_and_a_checkpoint_restore(lenet_setup, tmp_path):
@@ -172,7 +173,8 @@ _DEVICES_SCRIPT = textwrap.dedent(
             for images, labels in data.train_batches(
                 dataset, global_batch_size=32, seed=0, num_steps=steps
             ):
-                batch = train.global_batch(mesh, images, labels)
+                images, labels = train.global_batch(mesh, images, labels)
+                batch = data.normalize(images, dataset.mean, dataset.std), labels
                 state, metrics = step(state, *batch)
                 losses.append(float(metrics["loss"]))
                 if len(losses) == 1:  # BatchNorm's running statistics after one update.

@@ -1,4 +1,4 @@
-"""Batches for training and evaluation, as numpy arrays, multi-host aware, on grain.
+"""Batches for training and evaluation, as uint8 numpy arrays, multi-host aware, on grain.
 
 A training batch is a pure function of (dataset, seed, step): the step fixes the
 epoch and the position in that epoch's permutation, and each example's
@@ -30,7 +30,6 @@ from jaxprune.data.augment import (
     InceptionCropFlip,
     example_keys,
     inception_crop_flip,
-    normalize,
     pad_crop_flip,
     resize_center_crop,
 )
@@ -73,7 +72,7 @@ def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def _images(dataset: Dataset, split: Split, indices: np.ndarray, keys: np.ndarray | None):
-    """Reads, transforms and normalizes examples; augments iff `keys` is given."""
+    """Reads and transforms examples to uint8 model-sized images; augments iff `keys` is given."""
     images, labels = dataset.splits[split].read(indices)
     augmentation = dataset.augmentation
     if isinstance(augmentation, InceptionCropFlip):
@@ -83,7 +82,7 @@ def _images(dataset: Dataset, split: Split, indices: np.ndarray, keys: np.ndarra
             images = inception_crop_flip(images, keys, augmentation)
     elif keys is not None:
         images = pad_crop_flip(images, keys, augmentation)
-    return normalize(images, dataset.mean, dataset.std), labels
+    return images, labels
 
 
 def train_batch(
@@ -108,7 +107,8 @@ def train_batch(
       process_count: Number of processes sharing each global batch.
 
     Returns:
-      images f32[global_batch_size / process_count, H, W, C] normalized,
+      images uint8[global_batch_size / process_count, H, W, C] (decoded, cropped, flipped; the
+      model's float32 input is `jaxprune.data.normalize` of them, on the device),
       labels int32[global_batch_size / process_count].
 
     Raises:
@@ -139,17 +139,17 @@ def eval_batch(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """This process's part of evaluation batch number `batch` of a split, in order.
 
-    Rows past the end of the split are zero images with label 0 and mask False.
+    Rows past the end of the split are black (zero) images with label 0 and mask False.
 
     Returns:
-      images f32[b, H, W, C] normalized (eval transform, no augmentation),
+      images uint8[b, H, W, C] (eval transform, no augmentation; not normalized),
       labels int32[b], mask bool[b], with b = global_batch_size / process_count.
     """
     rows = _local_rows(global_batch_size, process_index, process_count)
     num_examples = len(dataset.splits[split])
     positions = np.arange(rows.start, rows.stop) + batch * global_batch_size
     mask = positions < num_examples
-    images = np.zeros((len(positions), *dataset.input_shape), np.float32)
+    images = np.zeros((len(positions), *dataset.input_shape), np.uint8)
     labels = np.zeros(len(positions), np.int32)
     if mask.any():
         images[mask], labels[mask] = _images(dataset, split, positions[mask], keys=None)
@@ -291,7 +291,8 @@ def train_batches(
       num_workers: Worker processes computing batches ahead (0: this thread).
 
     Yields:
-      images f32[global_batch_size / process_count, H, W, C] normalized,
+      images uint8[global_batch_size / process_count, H, W, C] (decoded, cropped, flipped; the
+      model's float32 input is `jaxprune.data.normalize` of them, on the device),
       labels int32[global_batch_size / process_count].
 
     Raises:
@@ -316,7 +317,7 @@ def eval_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The whole split in order, in batches of fixed size with a validity mask.
 
-    The last global batch is padded to `global_batch_size` with zero images,
+    The last global batch is padded to `global_batch_size` with black images,
     label 0 and mask False, so every batch has one shape (one compilation) and
     splits evenly over processes. Weight per-example metrics by the mask.
 
@@ -329,7 +330,7 @@ def eval_batches(
       num_workers: Worker processes computing batches ahead (0: this thread).
 
     Yields:
-      images f32[b, H, W, C] normalized (eval transform, no augmentation),
+      images uint8[b, H, W, C] (eval transform, no augmentation; not normalized),
       labels int32[b], mask bool[b], with b = global_batch_size / process_count.
 
     Raises:

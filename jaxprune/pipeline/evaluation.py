@@ -31,7 +31,9 @@ def evaluator(arch: Architecture, dataset: data.Dataset, mesh, config: TrainConf
         )
         totals = []
         for images, labels, mask in loop.prefetch(batches):
-            totals.append(eval_step(variables, *parallel.global_batch(mesh, images, labels, mask)))
+            images, labels, mask = parallel.global_batch(mesh, images, labels, mask)
+            images = data.normalize(images, dataset.mean, dataset.std)
+            totals.append(eval_step(variables, images, labels, mask))
         totals = jax.device_get(totals)
         count = sum(float(t["count"]) for t in totals)
         return {
