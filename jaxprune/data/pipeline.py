@@ -232,14 +232,14 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _run(transform: grain.transforms.Map, first: int, stop: int, num_workers: int) -> Iterator:
-    """transform(i) for i in [first, stop), in order, computed by `num_workers` processes.
+def _run(indices: grain.MapDataset, transform: grain.transforms.Map, num_workers: int) -> Iterator:
+    """transform(i) for i in `indices`, in order, computed by `num_workers` processes.
 
     With 0 workers everything runs in this thread, one element at a time. Worker
-    `w` of `n` computes the elements `first + w`, `first + w + n`, ...; grain
+    `w` of `n` computes the elements `w`, `w + n`, ... of `indices`; grain
     interleaves them back into order.
     """
-    dataset = grain.MapDataset.range(first, stop).map(transform)
+    dataset = indices.map(transform)
     # No reading threads: a whole batch is one element, and workers give the parallelism.
     steps = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if num_workers:
@@ -316,7 +316,7 @@ def train_batches(
     transform = TrainBatch(dataset, global_batch_size, seed, augment, process_index, process_count)
     # "Endless": more steps than any run takes (grain needs a length).
     stop = start_step + num_steps if num_steps is not None else 2**62
-    return _run(transform, start_step, stop, num_workers)
+    return _run(grain.MapDataset.range(start_step, stop), transform, num_workers)
 
 
 def eval_batches(
@@ -327,6 +327,7 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     num_workers: int = 0,
+    num_passes: int | None = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The whole split in order, in batches of fixed size with a validity mask.
 
@@ -341,6 +342,9 @@ def eval_batches(
       process_index: This process, in [0, process_count).
       process_count: Number of processes sharing each global batch.
       num_workers: Worker processes computing batches ahead (0: this thread).
+      num_passes: How many times over the split, one pass after the other (None: endlessly),
+        from the same workers: a caller evaluating repeatedly starts them once and takes
+        `num_eval_batches` batches per evaluation (then closes the iterator).
 
     Yields:
       images uint8[b, H, W, C] (eval transform, no augmentation; not normalized),
@@ -352,5 +356,8 @@ def eval_batches(
     _local_rows(global_batch_size, process_index, process_count)
     _check_num_workers(num_workers)
     transform = EvalBatch(dataset, global_batch_size, split, process_index, process_count)
+    if num_passes is not None and (isinstance(num_passes, bool) or num_passes < 1):
+        raise ValueError(f"num_passes must be None or an integer >= 1, got {num_passes!r}.")
     num_batches = num_eval_batches(len(dataset.splits[split]), global_batch_size)
-    return _run(transform, 0, num_batches, num_workers)
+    passes = grain.MapDataset.range(num_batches).repeat(num_passes)
+    return _run(passes, transform, num_workers)
