@@ -252,8 +252,8 @@ def test_bench_data_tiny_json(capsys, monkeypatch):
     capsys.readouterr()
     _bench_script().main(["--tiny", "--json"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(printed) == {"workers", "baseline_loop"}
+    assert set(printed) == {"workers", "baseline_loop", "baseline_loop_uint8"}
     cores = len(os.sched_getaffinity(0))
     assert set(printed["workers"]) == {str(n) for n in {0, 1, 2, cores}}
-    rates = [*printed["workers"].values(), printed["baseline_loop"]]
+    rates = [*printed["workers"].values(), printed["baseline_loop"], printed["baseline_loop_uint8"]]
     assert all(isinstance(rate, float) and rate > 0 for rate in rates)
