@@ -361,6 +361,23 @@ def test_eval_covers_split_in_order_with_padding(synthetic):
     assert not images[37:].any()
 
 
+def test_eval_passes_repeat_the_split_from_one_iterator(synthetic):
+    one = list(data.eval_batches(synthetic, global_batch_size=16))
+    endless = data.eval_batches(synthetic, global_batch_size=16, num_passes=None)
+    for passes in (
+        list(data.eval_batches(synthetic, global_batch_size=16, num_passes=2)),
+        [batch for _ in range(3) for batch in itertools.islice(endless, len(one))],
+    ):
+        assert len(passes) % len(one) == 0
+        for got, want in zip(passes, one * (len(passes) // len(one)), strict=True):
+            for x, y in zip(got, want, strict=True):
+                np.testing.assert_array_equal(x, y)
+    endless.close()
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match="num_passes"):
+            data.eval_batches(synthetic, global_batch_size=16, num_passes=bad)
+
+
 def test_augmentation_keeps_shape_and_changes_images(fashion_mnist):
     plain_x, plain_y = data.train_batch(
         fashion_mnist, 3, global_batch_size=64, seed=0, augment=False
