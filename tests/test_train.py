@@ -1,5 +1,6 @@
 """Tests of jaxprune.train: optimizers, the data-parallel step (1 vs 8 devices), compile-once."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -145,6 +146,23 @@ def test_bfloat16_compute_keeps_float32_parameters(lenet_setup):
         losses[dtype] = float(metrics["loss"])
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
+
+
+def test_closing_prefetch_closes_its_source_before_returning():
+    """The source (grain's workers, in a run) is closed by the time `close` returns, so nothing
+    is left to race interpreter exit."""
+    closed = []
+
+    def source():
+        try:
+            yield from itertools.count()
+        finally:
+            closed.append(True)
+
+    batches = train.prefetch(source())
+    assert [next(batches), next(batches)] == [0, 1]
+    batches.close()
+    assert closed == [True]
 
 
 # ---------------------------------------------------------------- 1 device vs 8 devices
