@@ -93,10 +93,10 @@ def accuracy(arch: Architecture, variables, images: np.ndarray, labels: np.ndarr
 
 
 def split_arrays(dataset, split: data.Split, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``limit`` examples of ``split``, in order, with the eval transform."""
+    """The first ``limit`` examples of ``split``, in order, with the eval transform, normalized."""
     images, labels = [], []
     for x, y, mask in data.eval_batches(dataset, global_batch_size=1000, split=split):
-        images.append(x[mask])
+        images.append(np.asarray(data.normalize(x, dataset.mean, dataset.std))[mask])
         labels.append(y[mask])
     images, labels = np.concatenate(images), np.concatenate(labels)
     return images[:limit], labels[:limit]

@@ -125,7 +125,7 @@ def model_and_batches(args) -> tuple[Any, dict, list, dict]:
         if len(batches) == args.num_batches:
             break
         if mask.all():
-            batches.append((images, labels))
+            batches.append((data.normalize(images, dataset.mean, dataset.std), labels))
     if len(batches) < args.num_batches:
         raise SystemExit(f"the test split holds only {len(batches)} full batches")
     return arch, variables, batches, provenance

@@ -81,19 +81,26 @@ def fashion_lenet():
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
+    def normalized(images):
+        return np.asarray(jd.normalize(images, dataset.mean, dataset.std))
+
     for images, labels in jd.train_batches(
         dataset, global_batch_size=128, seed=0, num_steps=300, augment=False
     ):
-        params, opt_state = step(params, opt_state, images, labels)
+        params, opt_state = step(params, opt_state, normalized(images), labels)
     score_batches = [
-        jd.train_batch(dataset, s, global_batch_size=256, seed=1, augment=False) for s in range(2)
+        (normalized(images), labels)
+        for images, labels in (
+            jd.train_batch(dataset, s, global_batch_size=256, seed=1, augment=False)
+            for s in range(2)
+        )
     ]
     test = next(jd.eval_batches(dataset, global_batch_size=1024))
     return {
         "arch": arch,
         "variables": {"params": params},
         "score_batches": score_batches,
-        "eval_batch": (test[0], test[1]),
+        "eval_batch": (normalized(test[0]), test[1]),
     }
 
 

@@ -13,10 +13,9 @@ import struct
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import assert_close_in_ulps
 
 from jaxprune import data
-from jaxprune.data import augment
+from jaxprune.data import augment, datasets
 
 HAS_TENSORFLOW = importlib.util.find_spec("tensorflow") is not None
 
@@ -129,10 +128,56 @@ def test_real_fashion_mnist(fashion_mnist):
 
 def test_normalization_is_standard_on_real_data(fashion_mnist):
     batches = data.eval_batches(fashion_mnist, global_batch_size=4096, split=data.Split.TRAIN)
-    images = np.concatenate([images for images, _, _ in itertools.islice(batches, 3)])
+    pixels = np.concatenate([images for images, _, _ in itertools.islice(batches, 3)])
+    assert pixels.dtype == np.uint8
+    images = np.asarray(data.normalize(pixels, fashion_mnist.mean, fashion_mnist.std))
     assert images.dtype == np.float32
     assert abs(images.mean()) < 0.05
     assert abs(images.std() - 1) < 0.05
+
+
+def _normalize_as_on_the_host(images: np.ndarray, mean, std) -> np.ndarray:
+    """The float32 normalization the pipeline computed on the host before it handed over uint8
+    (the former `jaxprune.data.augment.normalize`), kept as the reference."""
+    width, channels = images.shape[-2:]
+    scale = np.tile(1.0 / (255.0 * np.asarray(std, np.float64)), width).astype(np.float32)
+    shift = np.tile(-np.asarray(mean, np.float64) / np.asarray(std), width).astype(np.float32)
+    out = np.multiply(images.reshape(-1, width * channels), scale, dtype=np.float32)
+    out += shift
+    return out.reshape(images.shape)
+
+
+@pytest.mark.parametrize(
+    "name", [*(name.value for name in datasets._SPECS), data.DatasetName.SYNTHETIC.value]
+)
+def test_device_normalization_is_the_host_float32_one(name):
+    """Every pixel value of every channel, with each dataset's constants: what the model sees from
+    `data.normalize` on the device equals the old host-side float32 values up to rounding."""
+    if name == data.DatasetName.SYNTHETIC:
+        dataset = data.synthetic_dataset(data.SyntheticOptions())
+        mean, std = dataset.mean, dataset.std
+    else:
+        spec = datasets._SPECS[data.DatasetName(name)]
+        mean, std = spec.mean, spec.std
+    channels = len(mean)
+    values = (np.arange(256)[:, None] + 37 * np.arange(channels)) % 256  # each value per channel
+    images = values.astype(np.uint8).reshape(2, 8, 16, channels)
+    got = data.normalize(images, mean, std)
+    assert got.dtype == np.float32 and got.shape == images.shape
+    got = np.asarray(got, np.float64)
+    host = np.asarray(_normalize_as_on_the_host(images, mean, std), np.float64)
+    exact = (images / 255.0 - np.asarray(mean)) / np.asarray(std)
+    # Rounding to float32 costs at most 2**-24 relative each time (`unit`). Either side rounds the
+    # constants scale = 1 / (255 std) and shift = -mean / std, the product p = x * scale
+    # (|p| <= 1 / std) and the sum r = p + shift; a device that fuses the last two (FMA) rounds
+    # once. Both sides use the same float32 constants, so they differ only by the last roundings.
+    unit = np.finfo(np.float32).eps / 2
+    p_max, r_max = 1.0 / min(std), np.abs(exact).max()
+    shift_max = max(m / s for m, s in zip(mean, std, strict=True))
+    to_exact = unit * (2 * p_max + shift_max + r_max)
+    assert np.abs(host - exact).max() <= to_exact
+    assert np.abs(got - exact).max() <= to_exact
+    assert np.abs(got - host).max() <= unit * (p_max + 2 * r_max)
 
 
 def test_idx_directory(tmp_path):
@@ -185,7 +230,7 @@ def test_tfds_imagenet_random_access(tfds_dir):
     assert dataset.num_examples == {data.Split.TRAIN: 6, data.Split.TEST: 3}
     assert dataset.input_shape == (224, 224, 3) and dataset.num_classes == 1000
     images, labels = data.train_batch(dataset, 0, global_batch_size=4, seed=0)
-    assert images.shape == (4, 224, 224, 3) and images.dtype == np.float32
+    assert images.shape == (4, 224, 224, 3) and images.dtype == np.uint8
     assert set(labels.tolist()) <= {0, 7, 14, 21, 28, 35}
     batches = list(data.eval_batches(dataset, global_batch_size=2))
     assert len(batches) == 2
@@ -311,9 +356,26 @@ def test_eval_covers_split_in_order_with_padding(synthetic):
     images, labels, mask = (np.concatenate(field) for field in zip(*batches, strict=True))
     assert mask.sum() == 37 and not mask[37:].any()
     np.testing.assert_array_equal(labels[:37], test.labels)
-    expected = augment.normalize(test.images, synthetic.mean, synthetic.std)
-    assert_close_in_ulps(images[:37], expected, ulps=4)  # (x - mean) / std: 2 roundings each
+    assert images.dtype == np.uint8
+    np.testing.assert_array_equal(images[:37], test.images)  # the eval transform: none
     assert not images[37:].any()
+
+
+def test_eval_passes_repeat_the_split_from_one_iterator(synthetic):
+    one = list(data.eval_batches(synthetic, global_batch_size=16))
+    endless = data.eval_batches(synthetic, global_batch_size=16, num_passes=None)
+    for passes in (
+        list(data.eval_batches(synthetic, global_batch_size=16, num_passes=2)),
+        [batch for _ in range(3) for batch in itertools.islice(endless, len(one))],
+    ):
+        assert len(passes) % len(one) == 0
+        for got, want in zip(passes, one * (len(passes) // len(one)), strict=True):
+            for x, y in zip(got, want, strict=True):
+                np.testing.assert_array_equal(x, y)
+    endless.close()
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match="num_passes"):
+            data.eval_batches(synthetic, global_batch_size=16, num_passes=bad)
 
 
 def test_augmentation_keeps_shape_and_changes_images(fashion_mnist):
@@ -321,7 +383,7 @@ def test_augmentation_keeps_shape_and_changes_images(fashion_mnist):
         fashion_mnist, 3, global_batch_size=64, seed=0, augment=False
     )
     aug_x, aug_y = data.train_batch(fashion_mnist, 3, global_batch_size=64, seed=0)
-    assert aug_x.shape == plain_x.shape == (64, 28, 28, 1) and aug_x.dtype == np.float32
+    assert aug_x.shape == plain_x.shape == (64, 28, 28, 1) and aug_x.dtype == np.uint8
     np.testing.assert_array_equal(aug_y, plain_y)
     changed = np.any(aug_x != plain_x, axis=(1, 2, 3))
     assert changed.mean() > 0.5

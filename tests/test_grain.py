@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import pytest
 
 from jaxprune import cli, data, pipeline, train
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
 
 
 def _bench_script():
@@ -80,7 +82,7 @@ def test_jpeg_records_decode_to_their_images(jpeg_dir):
 
 def test_augmented_batches_have_model_shapes(jpeg):
     images, labels = next(data.train_batches(jpeg, global_batch_size=4, seed=0))
-    assert images.shape == (4, 32, 32, 3) and images.dtype == np.float32
+    assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
     assert labels.shape == (4,) and labels.dtype == np.int32
     # The same step without augmentation differs (random crops and flips).
     plain, _ = next(data.train_batches(jpeg, global_batch_size=4, seed=0, augment=False))
@@ -197,6 +199,50 @@ def test_a_run_split_in_two_with_workers_equals_an_uninterrupted_one(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+# ---------------------------------------------------------------- shared memory
+
+_KEEP_BATCHES_TO_EXIT = """
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jaxprune import data, pipeline, train
+
+if __name__ == "__main__":
+    synthetic = data.SyntheticOptions((16, 16, 1), 10, num_train=64, num_test=20)
+    dataset = data.synthetic_dataset(synthetic)
+    kept = [*data.train_batches(dataset, global_batch_size=8, seed=0, num_steps=4, num_workers=2)]
+    kept += data.eval_batches(dataset, global_batch_size=8, num_workers=2)
+    assert all(type(array) is np.ndarray for batch in kept for array in batch)
+    config = pipeline.TrainConfig(
+        model="lenet5", data="synthetic", synthetic=synthetic, num_steps=5, batch_size=16,
+        data_workers=2, optimizer=train.OptimizerConfig(learning_rate=0.02),
+    )
+    pipeline.train(config, Path(sys.argv[1]) / "run", progress=False, verbose=False)
+    print("done")
+"""
+
+
+@pytest.mark.slow
+def test_batches_from_workers_leak_no_shared_memory(tmp_path):
+    """Batches from workers kept to interpreter exit, and a training run with workers: Python's
+    resource tracker finds no shared-memory segment left to unlink at exit."""
+    script = tmp_path / "keep_batches.py"
+    script.write_text(_KEEP_BATCHES_TO_EXIT)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=dict(os.environ, PYTHONPATH=path),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("done"), done.stderr[-3000:]
+    assert "leaked shared_memory" not in done.stderr, done.stderr[-3000:]
+    assert "Exception ignored" not in done.stderr, done.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- the benchmark
 
 
@@ -206,8 +252,8 @@ def test_bench_data_tiny_json(capsys, monkeypatch):
     capsys.readouterr()
     _bench_script().main(["--tiny", "--json"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(printed) == {"workers", "baseline_loop"}
+    assert set(printed) == {"workers", "baseline_loop", "baseline_loop_uint8"}
     cores = len(os.sched_getaffinity(0))
     assert set(printed["workers"]) == {str(n) for n in {0, 1, 2, cores}}
-    rates = [*printed["workers"].values(), printed["baseline_loop"]]
+    rates = [*printed["workers"].values(), printed["baseline_loop"], printed["baseline_loop_uint8"]]
     assert all(isinstance(rate, float) and rate > 0 for rate in rates)

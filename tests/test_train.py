@@ -1,5 +1,6 @@
 """Tests of jaxprune.train: optimizers, the data-parallel step (1 vs 8 devices), compile-once."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -99,7 +100,8 @@ def _batches(mesh, dataset, num_steps, start_step=0):
         dataset, global_batch_size=32, seed=0, start_step=start_step, num_steps=num_steps
     )
     for images, labels in local:
-        yield train.global_batch(mesh, images, labels)
+        images, labels = train.global_batch(mesh, images, labels)
+        yield data.normalize(images, dataset.mean, dataset.std), labels
 
 
 def test_train_step_compiles_once_across_steps_and_a_checkpoint_restore(lenet_setup, tmp_path):
@@ -162,6 +164,23 @@ def test_bfloat16_compute_keeps_float32_parameters(lenet_setup):
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
 
 
+def test_closing_prefetch_closes_its_source_before_returning():
+    """The source (grain's workers, in a run) is closed by the time `close` returns, so nothing
+    is left to race interpreter exit."""
+    closed = []
+
+    def source():
+        try:
+            yield from itertools.count()
+        finally:
+            closed.append(True)
+
+    batches = train.prefetch(source())
+    assert [next(batches), next(batches)] == [0, 1]
+    batches.close()
+    assert closed == [True]
+
+
 # ---------------------------------------------------------------- 1 device vs 8 devices
 
 _DEVICES_SCRIPT = textwrap.dedent(
@@ -188,7 +207,8 @@ _DEVICES_SCRIPT = textwrap.dedent(
             for images, labels in data.train_batches(
                 dataset, global_batch_size=32, seed=0, num_steps=steps
             ):
-                batch = train.global_batch(mesh, images, labels)
+                images, labels = train.global_batch(mesh, images, labels)
+                batch = data.normalize(images, dataset.mean, dataset.std), labels
                 state, metrics = step(state, *batch)
                 losses.append(float(metrics["loss"]))
                 if len(losses) == 1:  # BatchNorm's running statistics after one update.

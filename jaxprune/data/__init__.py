@@ -3,9 +3,10 @@
 `load_dataset(name, data_dir=...)` opens Fashion-MNIST (the default), MNIST,
 CIFAR-10/100, ImageNet 2012 or a synthetic set from local files (IDX files or
 tfds `array_record` datasets; nothing is downloaded). `train_batches` and
-`eval_batches` turn it into normalized f32 batches that are deterministic in
-(seed, step), resumable at any step, and sliced per process for multi-host
-data parallelism; they run as grain pipelines, optionally in worker processes.
+`eval_batches` turn it into uint8 batches (decoded, augmented) that are
+deterministic in (seed, step), resumable at any step, and sliced per process for
+multi-host data parallelism; they run as grain pipelines, optionally in worker
+processes. `normalize` makes the model's float32 input of them on the device.
 """
 
 from jaxprune.data.augment import Augmentation, InceptionCropFlip, PadCropFlip
@@ -23,6 +24,7 @@ from jaxprune.data.datasets import (
     synthetic_dataset,
 )
 from jaxprune.data.idx import read_idx
+from jaxprune.data.normalize import normalize
 from jaxprune.data.pipeline import (
     EvalBatch,
     TrainBatch,
@@ -53,6 +55,7 @@ __all__ = [
     "eval_batch",
     "eval_batches",
     "load_dataset",
+    "normalize",
     "num_eval_batches",
     "parse_dataset_name",
     "read_idx",

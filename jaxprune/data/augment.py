@@ -1,4 +1,4 @@
-"""Image augmentation and normalization in numpy, keyed per example.
+"""Image augmentation in numpy (uint8 in, uint8 out), keyed per example.
 
 Every random draw comes from a counter-based hash of (seed, epoch, example
 index, stream), not from a stateful generator. An example therefore gets the
@@ -216,24 +216,3 @@ def resize_center_crop(images: Sequence[np.ndarray], options: InceptionCropFlip)
         x0, y0 = (width - side) / 2, (height - side) / 2
         crops.append(_crop_resize(image, (x0, y0, x0 + side, y0 + side), options.image_size))
     return np.stack(crops)
-
-
-def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Maps uint8 pixels to float32 `(x / 255 - mean) / std` per channel.
-
-    Args:
-      images: uint8[B, H, W, C].
-      mean: C per-channel means of x / 255.
-      std: C per-channel standard deviations of x / 255.
-
-    Returns:
-      f32[B, H, W, C].
-    """
-    width, channels = images.shape[-2:]
-    scale = np.tile(1.0 / (255.0 * np.asarray(std, np.float64)), width).astype(np.float32)
-    shift = np.tile(-np.asarray(mean, np.float64) / np.asarray(std), width).astype(np.float32)
-    # Broadcasting over a W*C-long last axis is much faster than over a C-long one.
-    rows = images.reshape(-1, width * channels)
-    out = np.multiply(rows, scale, dtype=np.float32)
-    out += shift
-    return out.reshape(images.shape)

@@ -72,4 +72,5 @@ def global_batches(dataset, mesh, config: TrainConfig, start_step: int) -> Itera
         num_workers=data_workers(config, dataset),
     )
     for images, labels in loop.prefetch(local):
-        yield parallel.global_batch(mesh, images, labels)
+        images, labels = parallel.global_batch(mesh, images, labels)
+        yield data.normalize(images, dataset.mean, dataset.std), labels

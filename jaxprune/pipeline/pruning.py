@@ -129,9 +129,9 @@ def _open_for_pruning(
 
 
 def _training_images(source: loading.Loaded, num_batches: int, augment: bool) -> list:
-    config = source.config
+    config, dataset = source.config, source.dataset
     return [
-        (jax.numpy.asarray(images), jax.numpy.asarray(labels))
+        (data.normalize(images, dataset.mean, dataset.std), jax.numpy.asarray(labels))
         for images, labels in data.train_batches(
             source.dataset,
             global_batch_size=config.batch_size,

@@ -13,7 +13,7 @@ from jaxprune import checkpoint
 from jaxprune.graph import Architecture
 from jaxprune.pipeline.config import METRICS_FILE, Phase
 from jaxprune.pipeline.console import say
-from jaxprune.pipeline.evaluation import evaluator
+from jaxprune.pipeline.evaluation import evaluator, held_out_batches
 from jaxprune.pipeline.inputs import global_batches, run_length
 from jaxprune.pipeline.loading import Loaded, restore
 from jaxprune.train import loop, parallel
@@ -80,7 +80,6 @@ def run(
         config.label_smoothing, config.compute_dtype, accumulator=config.accumulator
     )
     train_step = train_step_for(arch, config.optimizer, total_steps, mesh, options)
-    evaluate = evaluator(arch, dataset, mesh, config)
     log = loop.MetricsLog(workdir / METRICS_FILE, enabled=parallel.is_primary())
     meta = {
         "arch": arch.to_dict(),
@@ -92,9 +91,12 @@ def run(
     start_step = int(jax.device_get(state.step))
     if start_step >= total_steps:
         say(verbose, f"{workdir}: the run is complete at step {start_step}; evaluating")
-        return {"step": start_step, **evaluate(state)}
+        return {"step": start_step, **evaluator(arch, dataset, mesh, config)(state)}
     workdir.mkdir(parents=True, exist_ok=True)
     batches = global_batches(dataset, mesh, config, start_step)
+    # One pass per evaluation from the same data workers, which start at the first one.
+    eval_passes = held_out_batches(dataset, config, num_passes=None)
+    evaluate = evaluator(arch, dataset, mesh, config, eval_passes)
     loop_options = loop.LoopOptions(
         end_step=total_steps,
         steps_per_epoch=per_epoch,
@@ -132,6 +134,7 @@ def run(
             raise loop.TrainingDiverged(e.reason, last_good_checkpoint(workdir, loaded)) from None
         finally:
             batches.close()
+            eval_passes.close()
     step = int(jax.device_get(state.step))
     result = {"step": step, "num_devices": mesh.size}
     if last_eval.get("step") == step:

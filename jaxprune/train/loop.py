@@ -77,28 +77,36 @@ def _finite_or_none(row: dict) -> dict:
 
 
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
-    """Runs ``iterator`` in a background thread, ``size`` items ahead, to overlap data and steps."""
+    """Runs ``iterator`` in a background thread, ``size`` items ahead, to overlap data and steps.
+
+    Closing the returned generator (or its end) stops the thread and waits for it, so the source
+    is closed (its worker processes stopped, their shared memory freed) before ``close`` returns,
+    never racing interpreter exit.
+    """
     items: queue.Queue = queue.Queue(maxsize=size)
     stop = threading.Event()
     done = object()
 
+    def put(item: Any) -> bool:
+        """Queues ``item`` unless the consumer has stopped; whether it was queued."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce():
         try:
             for item in iterator:
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            items.put(done)
+            put(done)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer.
-            items.put(e)
+            put(e)
         finally:
-            # Stops the source's own workers (grain processes) now, from the thread that ran it,
-            # rather than at garbage collection or interpreter exit.
+            # Stops the source's own workers (grain processes) from the thread that ran it.
             getattr(iterator, "close", lambda: None)()
 
     thread = threading.Thread(target=produce, daemon=True)
@@ -110,6 +118,8 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
             yield item
     finally:
         stop.set()
+        # At most one item's wait: the producer checks `stop` between items.
+        thread.join()
 
 
 @dataclasses.dataclass(frozen=True)
