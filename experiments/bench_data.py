@@ -36,6 +36,7 @@ import numpy as np
 import PIL.Image
 
 from jaxprune import data
+from jaxprune.data.normalize import normalize_on_host
 
 # Random content with the file size of an average ImageNet JPEG (~110 KB): a smooth random
 # image (a 14x16 grid upsampled) plus Gaussian noise, JPEG quality 90.
@@ -134,17 +135,6 @@ def _rate(batches: Iterator, warmup: int, timed: int, batch_size: int) -> dict[s
     }
 
 
-def _normalize_f32_on_host(images: np.ndarray, mean, std) -> np.ndarray:
-    """uint8 -> float32 ``(x / 255 - mean) / std``, in numpy, as the pipeline did on the host
-    before it handed over uint8 (the vectorised form it had)."""
-    width, channels = images.shape[-2:]
-    scale = np.tile(1.0 / (255.0 * np.asarray(std, np.float64)), width).astype(np.float32)
-    shift = np.tile(-np.asarray(mean, np.float64) / np.asarray(std), width).astype(np.float32)
-    out = np.multiply(images.reshape(-1, width * channels), scale, dtype=np.float32)
-    out += shift
-    return out.reshape(images.shape)
-
-
 def baseline_loop(dataset: data.Dataset, batch_size: int, seed: int, *, f32: bool) -> Iterator:
     """The in-process loop without grain: `train_batch` for step 0, 1, ... in this thread.
 
@@ -154,7 +144,7 @@ def baseline_loop(dataset: data.Dataset, batch_size: int, seed: int, *, f32: boo
     while True:
         images, labels = data.train_batch(dataset, step, global_batch_size=batch_size, seed=seed)
         if f32:
-            images = _normalize_f32_on_host(images, dataset.mean, dataset.std)
+            images = normalize_on_host(images, dataset.mean, dataset.std)
         yield images, labels
         step += 1
 

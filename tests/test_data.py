@@ -16,6 +16,7 @@ import pytest
 
 from jaxprune import data
 from jaxprune.data import augment, datasets
+from jaxprune.data.normalize import normalize_on_host
 
 HAS_TENSORFLOW = importlib.util.find_spec("tensorflow") is not None
 
@@ -136,17 +137,6 @@ def test_normalization_is_standard_on_real_data(fashion_mnist):
     assert abs(images.std() - 1) < 0.05
 
 
-def _normalize_as_on_the_host(images: np.ndarray, mean, std) -> np.ndarray:
-    """The float32 normalization the pipeline computed on the host before it handed over uint8
-    (the former `jaxprune.data.augment.normalize`), kept as the reference."""
-    width, channels = images.shape[-2:]
-    scale = np.tile(1.0 / (255.0 * np.asarray(std, np.float64)), width).astype(np.float32)
-    shift = np.tile(-np.asarray(mean, np.float64) / np.asarray(std), width).astype(np.float32)
-    out = np.multiply(images.reshape(-1, width * channels), scale, dtype=np.float32)
-    out += shift
-    return out.reshape(images.shape)
-
-
 @pytest.mark.parametrize(
     "name", [*(name.value for name in datasets._SPECS), data.DatasetName.SYNTHETIC.value]
 )
@@ -165,7 +155,7 @@ def test_device_normalization_is_the_host_float32_one(name):
     got = data.normalize(images, mean, std)
     assert got.dtype == np.float32 and got.shape == images.shape
     got = np.asarray(got, np.float64)
-    host = np.asarray(_normalize_as_on_the_host(images, mean, std), np.float64)
+    host = np.asarray(normalize_on_host(images, mean, std), np.float64)
     exact = (images / 255.0 - np.asarray(mean)) / np.asarray(std)
     # Rounding to float32 costs at most 2**-24 relative each time (`unit`). Either side rounds the
     # constants scale = 1 / (255 std) and shift = -mean / std, the product p = x * scale

@@ -30,6 +30,25 @@ def normalization_constants(
     return scale, shift
 
 
+def normalize_on_host(
+    images: np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    """`normalize` in numpy on the host, as the pipeline computed it before it handed over uint8:
+    the reference of the tests and the float32 baseline of `experiments/bench_data.py`.
+
+    Args:
+      images: uint8[..., W, C].
+
+    Returns:
+      float32, the shape of ``images``.
+    """
+    width, channels = images.shape[-2:]
+    scale, shift = normalization_constants(mean, std)
+    out = np.multiply(images.reshape(-1, width * channels), np.tile(scale, width), dtype=np.float32)
+    out += np.tile(shift, width)
+    return out.reshape(images.shape)
+
+
 @functools.partial(jax.jit, static_argnames=("mean", "std"))
 def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
     """Maps uint8 pixels to float32 ``(x / 255 - mean) / std`` per channel, on the device.

@@ -312,6 +312,17 @@ def _prune_once(
     )
 
 
+def _retrain(
+    out: Path,
+    config: TrainConfig,
+    num_steps: int,
+    devices: Sequence[jax.Device] | None,
+    verbose: bool,
+) -> None:
+    """Fine-tunes ``out`` between rounds or layers, augmented as the training run was."""
+    finetune(out, num_steps=num_steps, augment=config.augment, devices=devices, verbose=verbose)
+
+
 def _before_fields(record: Mapping[str, Any]) -> dict:
     """The fields of a prune record that describe the network before the cut."""
     return {k: v for k, v in record.items() if k.endswith("_before")}
@@ -366,13 +377,7 @@ def _prune_layerwise(
         )
         started_from = started_from or _before_fields(record)
         if not last:
-            finetune(
-                layer_out,
-                num_steps=round_steps,
-                augment=config.augment,  # retraining between cuts, as the training run was
-                devices=devices,
-                verbose=verbose,
-            )
+            _retrain(layer_out, config, round_steps, devices, verbose)
             current, current_step = layer_out, loading.pick_step(layer_out, None)
     return record
 
@@ -518,13 +523,7 @@ def prune(
             },
         ]
         if i < rounds:
-            finetune(
-                round_out,
-                num_steps=round_steps,
-                augment=config.augment,  # retraining between rounds, as the training run was
-                devices=devices,
-                verbose=verbose,
-            )
+            _retrain(round_out, config, round_steps, devices, verbose)
             current, current_step = round_out, loading.pick_step(round_out, None)
             meta = loading.read_meta(round_out, current_step)
     return record
