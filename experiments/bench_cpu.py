@@ -19,6 +19,11 @@ Sections (all in one JSON file):
              plan, tuned on the host unless ``JAXPRUNE_CPU_AUTOTUNE=0``: the seconds spent
              tuning while compiling each network (``tuning_s``, zero when the plan cache in
              ``$JAXPRUNE_CACHE_DIR`` already holds its shapes) and the plan (``plan``) are kept.
+  layers     where the inference time of each network and of its ``round_to=8`` cut goes: every
+             convolution shape's calls, MACs and milliseconds per call of its planned forward form
+             timed alone, grouped by output map size, against the whole network timed; the
+             difference is everything but the convolutions (BatchNorm, ReLU, residual adds,
+             pooling, the head). Why a cut's speed-up falls short of its MACs ratio, per layer.
   malloc     the ``auto`` models and PyTorch's again in one child process per allocator setting
              (the environment must be set before the process starts): glibc's defaults
              (``JAXPRUNE_ALLOCATOR=system``), glibc as ``jaxprune.cpu.enable()`` sets it, glibc
@@ -53,7 +58,7 @@ import optax
 
 import jaxprune as jp
 import jaxprune.cpu
-from jaxprune.cpu import allocator, onednn, xla_cpu
+from jaxprune.cpu import allocator, onednn, tune, xla_cpu
 from jaxprune.cpu.plan import report_lines
 from jaxprune.ops import conv2d, conv_impl
 
@@ -389,6 +394,113 @@ def bench_models(models, batch, infer_batch, rounds, min_round_s, impls, with_to
     return results
 
 
+def bench_layers(models, infer_batch: int, rounds: int, min_round_s: float) -> dict:
+    """Per model, for the network (``original``) and its ``round_to=8`` cut (``pruned_r8``) in
+    inference under the ``auto`` plan: ``network_ms`` (the whole jitted forward pass, median of
+    interleaved rounds), ``macs`` and ``layers``, one entry per convolution shape in network order
+    with its ``calls``, ``macs`` per call, planned ``form`` and ``ms`` per call (that form timed
+    alone by `jaxprune.cpu.tune.measure`: best of its repetitions)."""
+    planner = jaxprune.cpu.current_planner()
+    results = {}
+    for name in models:
+        arch = model_arch(name)
+        nets = pruned_archs(arch)
+        entry, runners = {}, {}
+        for prefix in ("", "pruned_r8_"):
+            net, macs = nets[prefix]
+            label = prefix.rstrip("_") or "original"
+            model = net.module()
+            x = jnp.asarray(
+                np.random.default_rng(0).normal(size=(infer_batch, *net.input_shape)), jnp.float32
+            )
+            variables = model.init(jax.random.key(0), x[:1], train=False)
+            with conv_impl("auto"), planner.recording() as calls:
+                forward = jax.jit(lambda v, x, m=model: m.apply(v, x, train=False))
+                forward = forward.lower(variables, x).compile()
+            runners[label] = _jax_runner(forward, variables, x)
+            layers = []
+            for shape, count in calls.items():
+                form = planner.choose(shape, "forward").form
+                seconds = tune.measure(shape, "forward", (form,))[form]
+                layers.append(
+                    {"shape": shape.name, "out_hw": _out_hw(shape), "calls": count,
+                     "macs": shape.macs, "form": form, "ms": 1e3 * seconds}
+                )  # fmt: skip
+            entry[label] = {"macs": macs, "layers": layers}
+        for label, t in interleaved(runners, rounds, min_round_s).items():
+            entry[label]["network_ms"] = 1e3 * t["s"]
+        results[name] = entry
+        _log(f"layers {name}: {entry}")
+    return results
+
+
+def _out_hw(shape) -> str:
+    _, h, w, _ = shape.x_shape
+    kh, kw = shape.kernel_shape[:2]
+    out = [
+        jaxprune.cpu.conv.out_size(n, k, shape.stride, shape.padding) for n, k in ((h, kh), (w, kw))
+    ]
+    return "x".join(map(str, out))
+
+
+def layers_report(layers: dict) -> list[str]:
+    """Markdown: per output map size, the cut's convolution speed-up against its MACs ratio; the
+    rest of the network; the whole network; then every shape of both networks."""
+    lines = []
+    for model, entry in layers.items():
+        full, cut = entry["original"], entry["pruned_r8"]
+
+        def by_maps(net):
+            groups = {}
+            for layer in net["layers"]:
+                g = groups.setdefault(layer["out_hw"], {"calls": 0, "macs": 0, "ms": 0.0})
+                g["calls"] += layer["calls"]
+                g["macs"] += layer["calls"] * layer["macs"]
+                g["ms"] += layer["calls"] * layer["ms"]
+            return groups
+
+        def row(label, calls, macs_a, macs_b, ms_a, ms_b):
+            ratio, speedup = macs_a / macs_b if macs_b else float("nan"), ms_a / ms_b
+            gmacs = (f"{macs_a / ms_a / 1e6:.0f} -> {macs_b / ms_b / 1e6:.0f}"
+                     if macs_a else "-")  # fmt: skip
+            macs = f"{macs_a / 1e6:.0f} -> {macs_b / 1e6:.0f}" if macs_a else "-"
+            share = f"{speedup / ratio:.2f}" if macs_a else "-"
+            return (f"| {label} | {calls} | {macs} | {ratio:.2f}x | {ms_a:.1f} -> {ms_b:.1f} | "
+                    f"{speedup:.2f}x | {share} | {gmacs} |")  # fmt: skip
+
+        a, b = by_maps(full), by_maps(cut)
+        lines += [
+            f"**{model}**, inference, `auto` plan: the network and its 50%-MACs `round_to=8` cut",
+            "",
+            "| layers | convolutions | MACs (M) | MACs ratio | ms | speed-up | of MACs ratio"
+            " | GMAC/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for hw in a:
+            lines.append(row(f"convolutions to {hw} maps", a[hw]["calls"], a[hw]["macs"],
+                             b[hw]["macs"], a[hw]["ms"], b[hw]["ms"]))  # fmt: skip
+        conv = [sum(g[k] for g in net.values()) for net in (a, b) for k in ("macs", "ms")]
+        lines.append(row("all convolutions (each timed alone)", sum(g["calls"] for g in a.values()),
+                         conv[0], conv[2], conv[1], conv[3]))  # fmt: skip
+        rest = (full["network_ms"] - conv[1], cut["network_ms"] - conv[3])
+        lines.append(
+            f"| everything else (network - convolutions) | - | - | - | {rest[0]:.1f} -> "
+            f"{rest[1]:.1f} | {rest[0] / rest[1]:.2f}x | - | - |"
+        )
+        lines.append(row("whole network (timed)", "-", full["macs"], cut["macs"],
+                         full["network_ms"], cut["network_ms"]))  # fmt: skip
+        lines += ["", "| network | convolution | calls | form | ms per call | GMAC/s |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for label, net in (("original", full), ("pruned_r8", cut)):
+            for layer in net["layers"]:
+                lines.append(
+                    f"| {label} | {layer['shape']} | {layer['calls']} | {layer['form']} | "
+                    f"{layer['ms']:.2f} | {layer['macs'] / layer['ms'] / 1e6:.0f} |"
+                )
+        lines.append("")
+    return lines
+
+
 # PyTorch twins of jaxprune's CIFAR models, built from the same architecture dataclass (so a
 # pruned architecture gets a pruned twin); `bench_models` checks the parameter counts agree.
 if torch is not None:
@@ -599,6 +711,8 @@ def markdown_report(result: dict) -> str:
                 cells = [f"{r['gflops'][d][b]:.0f}" for d in r["gflops"] for b in backends]
                 lines.append(f"| {model} | {shape} | " + " | ".join(cells) + " |")
         lines.append("")
+    if result.get("layers"):
+        lines += layers_report(result["layers"])
     if result.get("malloc"):
         lines += [
             "Page faults, `auto` path (and PyTorch where it ran), one child process per malloc"
@@ -690,6 +804,10 @@ def _run(args, parser) -> dict:
             s["models"], s["batch"], s["infer_batch"], s["rounds"], s["min_round_s"],
             impls=("xla", "auto"), with_torch=True, prune=True,
         )  # fmt: skip
+    if "layers" not in skip:
+        result["layers"] = bench_layers(
+            s["models"], s["infer_batch"], s["rounds"], s["min_round_s"]
+        )
     if "malloc" not in skip:
         result["malloc"] = _child_malloc(args, s)
     result["meta"]["load_average_end"] = os.getloadavg()

@@ -211,6 +211,7 @@ def test_console_script_preloads_tcmalloc_once(environ, want):
     assert cli.preload_environ(environ, None) is None  # not installed: run as is
 
 
+@pytest.mark.slow  # a fresh process
 def test_console_script_with_the_system_allocator(workdir):
     env = {**os.environ, cli.ALLOCATOR_ENV: "system"}
     done = subprocess.run(
@@ -270,6 +271,7 @@ def test_finetune_fresh_optimizer_drops_only_the_sliced_momentum(workdir, tmp_pa
     jax.tree.map(check, params["fresh"], params["carried"], sliced_momentum, state.params)
 
 
+@pytest.mark.slow  # three CLI runs
 def test_augmentation_recorded_and_off_for_finetuning_unless_asked(workdir, tmp_path, capsys):
     base = tmp_path / "base"
     argv = ["train", "--model", "lenet5", *TRAIN, "--steps", "2", "--no-augment"]

@@ -74,6 +74,7 @@ def test_only_enable_tunes_glibc_and_the_opt_out_is_kept():
     assert _probe("enable", **{allocator.ALLOCATOR_ENV: "system"}) == ["False", "False"]
 
 
+@pytest.mark.slow  # a fresh process
 def test_the_old_module_name_stays_importable_and_sets_nothing():
     done = subprocess.run(
         [sys.executable, "-c", "from jaxprune import allocator as a; print(a.glibc_tuned())"],

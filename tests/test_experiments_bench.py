@@ -10,6 +10,8 @@ import math
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import jaxprune as jp
@@ -50,6 +52,7 @@ def test_importance_quality_covers_every_criterion(importance_record):
     check_environment(importance_record["environment"])
 
 
+@pytest.mark.slow  # trains the importance-quality baseline
 def test_importance_quality_values_are_sane(importance_record):
     groups = importance_record["groups"]
     assert set(importance_record["oracle"]["scores"]) == set(groups)
@@ -133,6 +136,20 @@ def test_bench_cpu_tiny(tmp_path):
     for name in record["models"]:
         assert f"**{name}**" in report
     assert report.count("| pruned_r8 | auto |") == len(record["models"])
+    # The layers section: every convolution of both networks once per call, MACs as counted.
+    for name, entry in record["layers"].items():
+        for label, prefix in (("original", ""), ("pruned_r8", "pruned_r8_")):
+            net = entry[label]
+            arch = script.pruned_archs(script.model_arch(name))[prefix][0]
+            shapes = jax.eval_shape(
+                lambda a=arch: a.module().init(jax.random.key(0), jnp.zeros((1, *a.input_shape)))
+            )
+            kernels = [leaf for leaf in jax.tree.leaves(shapes) if leaf.ndim == 4]
+            assert sum(layer["calls"] for layer in net["layers"]) == len(kernels), (name, label)
+            conv_macs = sum(layer["calls"] * layer["macs"] for layer in net["layers"])
+            assert 0 < conv_macs <= net["macs"] * record["settings"]["infer_batch"]
+            assert net["network_ms"] > 0 and all(layer["ms"] > 0 for layer in net["layers"])
+        assert f"**{name}**, inference" in report
 
 
 @pytest.mark.slow
@@ -144,7 +161,7 @@ def test_bench_cpu_malloc_children_run_both_frameworks(tmp_path):
         script.main(["--mode", "tiny", "--malloc-settings", "default,bogus", "--out", "x.json"])
     assert refused.value.code == 2
     out = tmp_path / "malloc.json"
-    argv = ["--mode", "tiny", "--skip", "conv_ops,models", "--malloc-settings", "default"]
+    argv = ["--mode", "tiny", "--skip", "conv_ops,models,layers", "--malloc-settings", "default"]
     record = script.main([*argv, "--out", str(out)])
     assert list(record["malloc"]) == ["default"]
     impls = ["auto", "torch"] if script.torch is not None else ["auto"]

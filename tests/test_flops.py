@@ -35,7 +35,14 @@ def test_macs_scale_with_input_and_fall_with_pruning():
     assert sum(jp.macs_per_layer(arch).values()) == jp.count_macs(arch)
 
 
-@pytest.mark.parametrize("name", ["resnet56", "vgg16", "lenet5", "resnet50"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet56",
+        "lenet5",
+        *(pytest.param(n, marks=pytest.mark.slow) for n in ("vgg16", "resnet50")),
+    ],
+)
 def test_xla_counts_two_flops_per_mac_per_layer(name):
     """Each layer's MACs, with its padded taps made real input, are half of XLA's flop count."""
     arch = jp.models.create(name)

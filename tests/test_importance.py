@@ -60,7 +60,13 @@ def test_registry_names_every_criterion():
         jp.methods.get("gfi-ap")
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+def _slow(names, slow):
+    """``names`` as parameters, those in ``slow`` for the slow tier only (variants of a criterion
+    the fast tier runs, or criteria it runs elsewhere)."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in names]
+
+
+@pytest.mark.parametrize("variant", _slow(VARIANTS, {"gfi_order2", "gfi_batch", "fpgm_sum"}))
 def test_structure_under_jit(variant):
     """Every criterion runs under an outer jax.jit and returns the groups' structure."""
     arch = jp.models.create("lenet5")
@@ -75,7 +81,7 @@ def test_structure_under_jit(variant):
         assert np.all(np.isfinite(scores[group]))
 
 
-@pytest.mark.parametrize("name", list(imp.CRITERIA))
+@pytest.mark.parametrize("name", _slow(imp.CRITERIA, {"random", "l2", "fsabp"}))
 def test_structure_on_residual_groups(name):
     """Eagerly, on every kind of residual group; keys in the groups' forward order."""
     arch = tiny_resnet()
@@ -116,6 +122,7 @@ def test_oracle_equals_python_loop(name):
         np.testing.assert_allclose(got[group], expected[group], rtol=1e-4, atol=atol)
 
 
+@pytest.mark.slow  # compiles second-order programs
 def test_second_order_structured_equals_forward_over_reverse():
     """The fast diagonal (Gauss-Newton + forward-over-forward on repeated gates) is exact."""
     arch = tiny_resnet()

@@ -13,6 +13,13 @@ from flax import traverse_util
 import jaxprune as jp
 from jaxprune.models.common import Conv
 
+# Every preset, for the tests that build one; the two deepest (over a second each to initialize,
+# nothing their shallower kin lack) in the slow tier only.
+BUILT = [
+    pytest.param(n, marks=pytest.mark.slow) if n in ("resnet101", "resnet110") else n
+    for n in jp.models.names()
+]
+
 
 def test_names_cover_every_family():
     assert jp.models.names() == [
@@ -43,7 +50,7 @@ def test_from_dict_refuses_unknown_fields_and_families():
         jp.models.from_dict({**d, "family": "mlp"})
 
 
-@pytest.mark.parametrize("name", jp.models.names())
+@pytest.mark.parametrize("name", BUILT)
 def test_variables_match_the_channel_graph(name):
     """Every array has the shape its layer describes, and count_params counts all of them."""
     arch = jp.models.create(name, num_classes=10)
@@ -63,7 +70,7 @@ def test_variables_match_the_channel_graph(name):
             assert stats[(*layer.path, "mean")].shape == (layer.out_channels,)
 
 
-@pytest.mark.parametrize("name", jp.models.names())
+@pytest.mark.parametrize("name", BUILT)
 def test_conv_output_sizes_match_the_model(name):
     """The spatial sizes the MAC count uses are the ones the model really produces."""
     arch = jp.models.create(name)

@@ -163,6 +163,7 @@ def test_eval_reads_the_last_finished_step_of_a_workdir_being_written(trained, t
         pipeline.evaluate(workdir)
 
 
+@pytest.mark.slow
 def test_eval_reads_the_newest_step_again_when_a_writer_deletes_the_one_it_read(
     trained, tmp_path, monkeypatch
 ):

@@ -27,17 +27,18 @@ def relative_error(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-# Models whose structure repeats a shallower one's of their family (more blocks or layers of the
-# same kinds): the slow tier only.
-_REPEATS = {
-    *("resnet18", "resnet32", "resnet34", "resnet50", "resnet56", "resnet101", "resnet110"),
-    *("vgg13", "vgg16", "vgg19"),
-}
+# The fast tier: a plain chain (LeNet-5) and residual stages with BatchNorm (ResNet-20). Every other
+# model (VGG's chains with BatchNorm, deeper ResNets, bottlenecks) is the slow tier's.
+_FAST = {"lenet5", "resnet20"}
+
+
+def _models(names, fast=_FAST):
+    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.slow) if n in _REPEATS else n for n in jp.models.names()],
+    _models(jp.models.names()),
 )
 def test_pruned_equals_gated(name):
     arch = small_arch(name)
@@ -57,9 +58,8 @@ def test_pruned_equals_gated(name):
     assert relative_error(pruned, gated) <= pass_ulps(variables) * F32_EPS
 
 
-@pytest.mark.parametrize(
-    "name", ["lenet5", "vgg11", "resnet20", pytest.param("resnet50", marks=pytest.mark.slow)]
-)
+# (the fast tier: LeNet-5's; ResNet-20's surgery is the fast tier's pruned-equals-gated above)
+@pytest.mark.parametrize("name", _models(["lenet5", "vgg11", "resnet20", "resnet50"], {"lenet5"}))
 def test_keep_everything_is_identity(name):
     arch = small_arch(name)
     variables = random_variables(arch)

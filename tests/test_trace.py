@@ -11,8 +11,15 @@ from flax import nnx
 import jaxprune as jp
 from tests import trace_models as tm
 
-SLOW = {"resnet18", "mobilenetv2"}  # the largest test models: their fixtures dominate the file
-MODELS = [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in tm.LINEN]
+# Each frontend traces every test model in the slow tier; the fast tier traces each of the smaller
+# nets once (the linen mixer, the nnx flatten net; the concat net is test_trace_criteria's).
+FAST = {"linen": {"mixer"}, "nnx": {"flatten"}}
+
+
+def _models(kind):
+    return [m if m in FAST[kind] else pytest.param(m, marks=pytest.mark.slow) for m in tm.LINEN]
+
+
 X_SHAPE = (2, 32, 32, 3)
 
 
@@ -42,7 +49,7 @@ def _flops(fn, *args):
     return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
 
 
-@pytest.fixture(scope="module", params=MODELS)
+@pytest.fixture(scope="module", params=_models("linen"))
 def linen_case(request):
     model = tm.LINEN[request.param]()
     x = _x()
@@ -51,7 +58,7 @@ def linen_case(request):
     return request.param, model, variables, net
 
 
-@pytest.fixture(scope="module", params=MODELS)
+@pytest.fixture(scope="module", params=_models("nnx"))
 def nnx_case(request):
     module = tm.NNX[request.param](nnx.Rngs(0))
     graphdef, state = nnx.split(module)

@@ -28,7 +28,14 @@ CRITERIA = {
     "fsabp_features": functools.partial(importance.fsabp, mode="features"),
     "gfi_activation_eval": functools.partial(importance.gfi, signal="activation"),
 }
-CASES = [("linen", "flatten"), ("nnx", "flatten"), ("linen", "inception"), ("nnx", "inception")]
+# The fast tier runs the criteria and policies on one traced net (linen, with a concat); the nnx
+# frontend and the other net are the slow tier's (test_trace covers nnx tracing in the fast tier).
+CASES = [
+    ("linen", "inception"),
+    pytest.param(("nnx", "inception"), marks=pytest.mark.slow),
+    pytest.param(("linen", "flatten"), marks=pytest.mark.slow),
+    pytest.param(("nnx", "flatten"), marks=pytest.mark.slow),
+]
 
 
 def _x(seed=1, shape=X_SHAPE):
@@ -50,7 +57,7 @@ def _traced(kind, name, x):
     return net, net.variables(module), module
 
 
-@pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
+@pytest.fixture(scope="module", params=CASES, ids="-".join)
 def case(request):
     x = _x()
     net, variables, _ = _traced(*request.param, x)
@@ -80,6 +87,7 @@ def test_criterion_scores_every_traced_group(case, criterion):
         assert finite.all() or (criterion.startswith("fsabp") and n == 1), (g, scores[g])
 
 
+@pytest.mark.slow
 def test_weight_criteria_read_each_kernel_once():
     """L1 of a traced group = the summed |kernel| of its one producer, also for a conv that
     reads a concatenation (its layer is described once per input segment)."""
@@ -120,7 +128,9 @@ def _conv_outputs(model, variables, x, train):
     return out
 
 
+# (the zoo's activation signal is checked by hand in test_importance's fast tier)
 @pytest.mark.parametrize("train", [False, True])
+@pytest.mark.slow
 def test_gfi_activation_equals_hand_computation(train):
     """GFI-AP's activation signal on a traced net: max over classes of the spatial mean of the
     |class mean| of each conv's output, BatchNorm in eval or train mode."""
@@ -137,7 +147,7 @@ def test_gfi_activation_equals_hand_computation(train):
         np.testing.assert_allclose(scores[group], expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["linen", "nnx"])
+@pytest.mark.parametrize("kind", ["linen", pytest.param("nnx", marks=pytest.mark.slow)])
 def test_fsabp_features_finds_duplicate_filters(kind):
     """Two identical filters make identical feature maps: their distance is 0, the lowest."""
     x = _x(shape=(2, 32, 32, 3))
@@ -164,6 +174,7 @@ def test_train_mode_needs_train_kwargs():
         methods.METHODS["gfi_ap_authors"].score(net, variables, [(x, jnp.zeros(2, int))])
 
 
+@pytest.mark.slow  # one forward pass per channel
 def test_oracle_is_the_pruned_loss_increase():
     """The gate at a channel removes it exactly: oracle's score = loss of the pruned network."""
     model, x = tm.Inception(), _x(shape=(4, 16, 16, 3))
@@ -226,7 +237,14 @@ def _keep_sets(policy, net, variables, batches):
     return result.keep, result
 
 
-POLICIES = ["adaptive", "uniform", "threshold", "backward", "forward", "iterative"]
+POLICIES = [
+    "adaptive",
+    "uniform",
+    "threshold",
+    "backward",
+    pytest.param("forward", marks=pytest.mark.slow),  # backward's procedure, in the other order
+    "iterative",
+]
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -259,6 +277,7 @@ def test_policy_keep_set_prunes_and_pruned_equals_gated(case, policy):
         assert all(step.channels_kept == 1 for step in result.log)
 
 
+@pytest.mark.slow  # the fast tier checks the order in the backward policy test above
 def test_backward_order_is_reverse_program_order():
     """Inception's convs in the order its code runs them; backward goes from `mix` to `stem`."""
     model, x = tm.Inception(), _x(shape=(2, 8, 8, 3))

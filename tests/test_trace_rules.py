@@ -74,6 +74,7 @@ class ViTBlock(nn.Module):
         return nn.Dense(10, name="head")(nn.LayerNorm()(x + y).mean(1))
 
 
+@pytest.mark.slow
 def test_vit_block_prunes_its_mlp_and_leaves_attention():
     """Attention's [d, heads, head_dim] kernels are left out (`Program.unrepresented`); the
     LayerNorm'd stream is blocked; the MLP's hidden layer is the one group."""

@@ -10,7 +10,14 @@ import pytest
 import jaxprune as jp
 
 # every zoo model, at a small input (the ImageNet ResNets at 32x32); shapes only, nothing computed
-ZOO = [(name, None if name == "lenet5" else (32, 32, 3)) for name in jp.models.names()]
+# (the deepest ResNets, whose tracing takes seconds, in the slow tier only)
+_DEEP = {"resnet50", "resnet101", "resnet110"}
+ZOO = [
+    pytest.param(name, (32, 32, 3), marks=pytest.mark.slow)
+    if name in _DEEP
+    else (name, None if name == "lenet5" else (32, 32, 3))
+    for name in jp.models.names()
+]
 
 
 def _declared(arch) -> set[frozenset]:
@@ -100,10 +107,10 @@ def _traced_names(arch, net) -> dict[str, str]:
     "criterion",
     [
         dict(name="gfi", signal="activation"),
-        dict(name="fsabp", mode="features"),
-        dict(name="fsabp", mode="weights"),
-        dict(name="l1"),
-        dict(name="fpgm"),
+        pytest.param(dict(name="fsabp", mode="features"), marks=pytest.mark.slow),
+        pytest.param(dict(name="fsabp", mode="weights"), marks=pytest.mark.slow),
+        dict(name="l1"),  # the weight criteria's path (FPGM's, FSABP's: the slow tier)
+        pytest.param(dict(name="fpgm"), marks=pytest.mark.slow),
     ],
     ids=["gfi_activation", "fsabp_features", "fsabp_weights", "l1", "fpgm"],
 )

@@ -261,7 +261,7 @@ def test_one_device_and_eight_devices_give_the_same_losses(device_runs, name):
     assert_close_in_ulps(eight["first_stats"], one["first_stats"], ulps=128)
 
 
-@pytest.mark.parametrize("name", ["tiny_resnet", "tiny_vgg"])
+@pytest.mark.parametrize("name", ["tiny_resnet", pytest.param("tiny_vgg", marks=pytest.mark.slow)])
 def test_recalibrated_batch_norm_is_the_batch_statistics(name):
     """Re-estimated on one batch, the eval-mode network computes what train mode does on it."""
     from conftest import random_variables, tiny_resnet

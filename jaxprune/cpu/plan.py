@@ -191,7 +191,7 @@ class Planner:
     cache_file: Path | None = None
     choices: dict[tuple[ConvShape, Direction], Choice] = dataclasses.field(default_factory=dict)
     tuning_s: float = 0.0
-    _seen: list | None = None
+    _seen: dict | None = None
 
     @classmethod
     def from_environment(cls, autotune: bool | None = None, budget_s: float | None = None):
@@ -204,8 +204,8 @@ class Planner:
         return cls(autotune=autotune, budget_s=budget_s)
 
     def bind(self, shape: ConvShape) -> "BoundPlan":
-        if self._seen is not None and shape not in self._seen:
-            self._seen.append(shape)
+        if self._seen is not None:
+            self._seen[shape] = self._seen.get(shape, 0) + 1
         return BoundPlan(self, shape)
 
     def choose(self, shape: ConvShape, direction: Direction) -> Choice:
@@ -245,15 +245,16 @@ class Planner:
         return Choice(form, "tuned", tuple(seconds.items()), spent)
 
     def recording(self) -> "_Recording":
-        """``with planner.recording() as shapes:`` lists the shapes planned inside the block."""
+        """``with planner.recording() as calls:`` gives ``{shape: calls}``: the shapes planned
+        inside the block, in the order first traced, and how many convolutions of each."""
         return _Recording(self)
 
 
 class _Recording:
     def __init__(self, planner: Planner):
-        self.planner, self.shapes = planner, []
+        self.planner, self.shapes = planner, {}
 
-    def __enter__(self) -> list:
+    def __enter__(self) -> dict:
         self.previous, self.planner._seen = self.planner._seen, self.shapes
         return self.shapes
 
@@ -313,4 +314,4 @@ def trace_shapes(planner: Planner, fn, *args) -> list[ConvShape]:
     function not already traced under `jax.jit`, whose cached trace would skip the planning)."""
     with planner.recording() as shapes:
         jax.make_jaxpr(fn)(*args)
-    return shapes
+    return list(shapes)
