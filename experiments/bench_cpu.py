@@ -396,10 +396,11 @@ def bench_models(models, batch, infer_batch, rounds, min_round_s, impls, with_to
 
 def bench_layers(models, infer_batch: int, rounds: int, min_round_s: float) -> dict:
     """Per model, for the network (``original``) and its ``round_to=8`` cut (``pruned_r8``) in
-    inference under the ``auto`` plan: ``network_ms`` (the whole jitted forward pass, median of
-    interleaved rounds), ``macs`` and ``layers``, one entry per convolution shape in network order
-    with its ``calls``, ``macs`` per call, planned ``form`` and ``ms`` per call (that form timed
-    alone by `jaxprune.cpu.tune.measure`: best of its repetitions)."""
+    inference under the ``auto`` plan: ``network_ms`` (the whole jitted forward pass of ``batch``
+    images), ``macs`` (of one image) and ``layers``, one entry per convolution shape in network
+    order with its ``calls``, ``macs`` per call, planned ``form`` and ``ms`` per call (that form
+    alone, `jaxprune.cpu.tune.program`). The networks and every convolution are timed in the same
+    interleaved rounds (medians)."""
     planner = jaxprune.cpu.current_planner()
     results = {}
     for name in models:
@@ -421,14 +422,24 @@ def bench_layers(models, infer_batch: int, rounds: int, min_round_s: float) -> d
             layers = []
             for shape, count in calls.items():
                 form = planner.choose(shape, "forward").form
-                seconds = tune.measure(shape, "forward", (form,))[form]
+                args = tune.operands(shape, np.dtype(shape.dtype))
+                compiled = tune.program(shape, "forward", form).lower(*args).compile()
+                runners[f"{label} {shape.name}"] = _jax_runner(compiled, *args)
                 layers.append(
-                    {"shape": shape.name, "out_hw": _out_hw(shape), "calls": count,
-                     "macs": shape.macs, "form": form, "ms": 1e3 * seconds}
-                )  # fmt: skip
-            entry[label] = {"macs": macs, "layers": layers}
-        for label, t in interleaved(runners, rounds, min_round_s).items():
-            entry[label]["network_ms"] = 1e3 * t["s"]
+                    {
+                        "shape": shape.name,
+                        "out_hw": _out_hw(shape),
+                        "calls": count,
+                        "macs": shape.macs,
+                        "form": form,
+                    }
+                )
+            entry[label] = {"macs": macs, "batch": infer_batch, "layers": layers}
+        times = interleaved(runners, rounds, min_round_s)
+        for label, net in entry.items():
+            net["network_ms"] = 1e3 * times[label]["s"]
+            for layer in net["layers"]:
+                layer["ms"] = 1e3 * times[f"{label} {layer['shape']}"]["s"]
         results[name] = entry
         _log(f"layers {name}: {entry}")
     return results
@@ -443,54 +454,63 @@ def _out_hw(shape) -> str:
     return "x".join(map(str, out))
 
 
+def _by_output_maps(net: dict) -> dict[str, dict]:
+    """``{"32x32": {"calls", "macs", "ms"}}``: a network's convolutions summed per output map size
+    (a CIFAR ResNet's stages), in network order."""
+    groups = {}
+    for layer in net["layers"]:
+        g = groups.setdefault(layer["out_hw"], {"calls": 0, "macs": 0, "ms": 0.0})
+        g["calls"] += layer["calls"]
+        g["macs"] += layer["calls"] * layer["macs"]
+        g["ms"] += layer["calls"] * layer["ms"]
+    return groups
+
+
+def _layers_row(label: str, calls, full: dict, cut: dict) -> str:
+    """One row comparing ``{"macs", "ms"}`` of the network (``full``) and of its cut; ``macs``
+    None where the row counts none."""
+    speedup = full["ms"] / cut["ms"]
+    cells = [label, str(calls), "-", "-", f"{full['ms']:.1f} -> {cut['ms']:.1f}", f"{speedup:.2f}x"]
+    cells += ["-", "-"]
+    if full["macs"]:
+        ratio = full["macs"] / cut["macs"]
+        cells[2] = f"{full['macs'] / 1e6:.0f} -> {cut['macs'] / 1e6:.0f}"
+        cells[3] = f"{ratio:.2f}x"
+        cells[6] = f"{speedup / ratio:.2f}"
+        cells[7] = " -> ".join(f"{n['macs'] / n['ms'] / 1e6:.0f}" for n in (full, cut))
+    return "| " + " | ".join(cells) + " |"
+
+
 def layers_report(layers: dict) -> list[str]:
     """Markdown: per output map size, the cut's convolution speed-up against its MACs ratio; the
     rest of the network; the whole network; then every shape of both networks."""
     lines = []
     for model, entry in layers.items():
         full, cut = entry["original"], entry["pruned_r8"]
-
-        def by_maps(net):
-            groups = {}
-            for layer in net["layers"]:
-                g = groups.setdefault(layer["out_hw"], {"calls": 0, "macs": 0, "ms": 0.0})
-                g["calls"] += layer["calls"]
-                g["macs"] += layer["calls"] * layer["macs"]
-                g["ms"] += layer["calls"] * layer["ms"]
-            return groups
-
-        def row(label, calls, macs_a, macs_b, ms_a, ms_b):
-            ratio, speedup = macs_a / macs_b if macs_b else float("nan"), ms_a / ms_b
-            gmacs = (f"{macs_a / ms_a / 1e6:.0f} -> {macs_b / ms_b / 1e6:.0f}"
-                     if macs_a else "-")  # fmt: skip
-            macs = f"{macs_a / 1e6:.0f} -> {macs_b / 1e6:.0f}" if macs_a else "-"
-            share = f"{speedup / ratio:.2f}" if macs_a else "-"
-            return (f"| {label} | {calls} | {macs} | {ratio:.2f}x | {ms_a:.1f} -> {ms_b:.1f} | "
-                    f"{speedup:.2f}x | {share} | {gmacs} |")  # fmt: skip
-
-        a, b = by_maps(full), by_maps(cut)
+        a, b = _by_output_maps(full), _by_output_maps(cut)
         lines += [
-            f"**{model}**, inference, `auto` plan: the network and its 50%-MACs `round_to=8` cut",
+            f"**{model}**, inference (batch {full['batch']}), `auto` plan: the network and its"
+            " 50%-MACs `round_to=8` cut",
             "",
             "| layers | convolutions | MACs (M) | MACs ratio | ms | speed-up | of MACs ratio"
             " | GMAC/s |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for hw in a:
-            lines.append(row(f"convolutions to {hw} maps", a[hw]["calls"], a[hw]["macs"],
-                             b[hw]["macs"], a[hw]["ms"], b[hw]["ms"]))  # fmt: skip
-        conv = [sum(g[k] for g in net.values()) for net in (a, b) for k in ("macs", "ms")]
-        lines.append(row("all convolutions (each timed alone)", sum(g["calls"] for g in a.values()),
-                         conv[0], conv[2], conv[1], conv[3]))  # fmt: skip
-        rest = (full["network_ms"] - conv[1], cut["network_ms"] - conv[3])
-        lines.append(
-            f"| everything else (network - convolutions) | - | - | - | {rest[0]:.1f} -> "
-            f"{rest[1]:.1f} | {rest[0] / rest[1]:.2f}x | - | - |"
-        )
-        lines.append(row("whole network (timed)", "-", full["macs"], cut["macs"],
-                         full["network_ms"], cut["network_ms"]))  # fmt: skip
-        lines += ["", "| network | convolution | calls | form | ms per call | GMAC/s |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+            lines.append(_layers_row(f"convolutions to {hw} maps", a[hw]["calls"], a[hw], b[hw]))
+        convs = [{k: sum(g[k] for g in n.values()) for k in ("macs", "ms")} for n in (a, b)]
+        calls = sum(g["calls"] for g in a.values())
+        lines.append(_layers_row("all convolutions (each timed alone)", calls, *convs))
+        pairs = zip((full, cut), convs, strict=True)
+        rest = [{"macs": None, "ms": n["network_ms"] - c["ms"]} for n, c in pairs]
+        lines.append(_layers_row("everything else (network - convolutions)", "-", *rest))
+        whole = [{"macs": n["macs"] * n["batch"], "ms": n["network_ms"]} for n in (full, cut)]
+        lines.append(_layers_row("whole network (timed)", "-", *whole))
+        lines += [
+            "",
+            "| network | convolution | calls | form | ms per call | GMAC/s |",
+            "|---|---|---|---|---|---|",
+        ]
         for label, net in (("original", full), ("pruned_r8", cut)):
             for layer in net["layers"]:
                 lines.append(

@@ -95,7 +95,8 @@ def store(path: Path, entries: Mapping[str, dict]) -> None:
         raise
 
 
-def _operands(shape, dtype):
+def operands(shape, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Random ``(x, kernel, dy)`` of ``shape`` (a `jaxprune.cpu.plan.ConvShape`) in ``dtype``."""
     rng = np.random.default_rng(0)
     n, h, w, _ = shape.x_shape
     kh, kw, _, c_out = shape.kernel_shape
@@ -107,7 +108,7 @@ def _operands(shape, dtype):
     return tuple(jax.device_put(np.asarray(a, dtype)) for a in (x, kernel, dy))
 
 
-def _program(shape, direction: conv.Direction, form: conv.Form):
+def program(shape, direction: conv.Direction, form: conv.Form):
     """A jitted ``(x, kernel, dy) -> result`` computing ``direction`` by ``form``."""
     s, p = shape.stride, shape.padding
     if direction == "forward":
@@ -129,11 +130,11 @@ def measure(shape, direction: conv.Direction, forms) -> dict[str, float]:
     """
     seconds: dict[str, float] = {}
     with jax.ensure_compile_time_eval():
-        args = _operands(shape, np.dtype(shape.dtype))
+        args = operands(shape, np.dtype(shape.dtype))
         for form in forms:
             best_so_far = min(seconds.values(), default=float("inf"))
             try:
-                compiled = _program(shape, direction, form).lower(*args).compile()
+                compiled = program(shape, direction, form).lower(*args).compile()
                 start = time.perf_counter()
                 jax.block_until_ready(compiled(*args))
                 first = time.perf_counter() - start
