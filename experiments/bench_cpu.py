@@ -398,9 +398,10 @@ def bench_layers(models, infer_batch: int, rounds: int, min_round_s: float) -> d
     """Per model, for the network (``original``) and its ``round_to=8`` cut (``pruned_r8``) in
     inference under the ``auto`` plan: ``network_ms`` (the whole jitted forward pass of ``batch``
     images), ``macs`` (of one image) and ``layers``, one entry per convolution shape in network
-    order with its ``calls``, ``macs`` per call, planned ``form`` and ``ms`` per call (that form
-    alone, `jaxprune.cpu.tune.program`). The networks and every convolution are timed in the same
-    interleaved rounds (medians)."""
+    order with its ``calls``, ``macs`` per call, planned ``form``, ``ms`` per call (that form
+    alone, `jaxprune.cpu.tune.program`) and ``tuned_ms``, every candidate's time when the plan
+    measured them (tuned or read from the cache). The networks and every convolution are timed in
+    the same interleaved rounds (medians)."""
     planner = jaxprune.cpu.current_planner()
     results = {}
     for name in models:
@@ -421,7 +422,8 @@ def bench_layers(models, infer_batch: int, rounds: int, min_round_s: float) -> d
             runners[label] = _jax_runner(forward, variables, x)
             layers = []
             for shape, count in calls.items():
-                form = planner.choose(shape, "forward").form
+                choice = planner.choose(shape, "forward")
+                form = choice.form
                 args = tune.operands(shape, np.dtype(shape.dtype))
                 compiled = tune.program(shape, "forward", form).lower(*args).compile()
                 runners[f"{label} {shape.name}"] = _jax_runner(compiled, *args)
@@ -432,6 +434,7 @@ def bench_layers(models, infer_batch: int, rounds: int, min_round_s: float) -> d
                         "calls": count,
                         "macs": shape.macs,
                         "form": form,
+                        "tuned_ms": {f: 1e3 * t for f, t in choice.seconds},
                     }
                 )
             entry[label] = {"macs": macs, "batch": infer_batch, "layers": layers}
@@ -508,14 +511,16 @@ def layers_report(layers: dict) -> list[str]:
         lines.append(_layers_row("whole network (timed)", "-", *whole))
         lines += [
             "",
-            "| network | convolution | calls | form | ms per call | GMAC/s |",
-            "|---|---|---|---|---|---|",
+            "| network | convolution | calls | form | ms per call | GMAC/s"
+            " | candidates when tuned (ms) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for label, net in (("original", full), ("pruned_r8", cut)):
             for layer in net["layers"]:
+                tuned = ", ".join(f"{f} {t:.2f}" for f, t in layer["tuned_ms"].items()) or "-"
                 lines.append(
                     f"| {label} | {layer['shape']} | {layer['calls']} | {layer['form']} | "
-                    f"{layer['ms']:.2f} | {layer['macs'] / layer['ms'] / 1e6:.0f} |"
+                    f"{layer['ms']:.2f} | {layer['macs'] / layer['ms'] / 1e6:.0f} | {tuned} |"
                 )
         lines.append("")
     return lines

@@ -44,8 +44,10 @@ needs_winograd = pytest.mark.skipif(
 
 
 @pytest.fixture
-def layer():
-    """The CPU layer's plan (thresholds) installed for the test, whatever the process has."""
+def layer(monkeypatch):
+    """The CPU layer's plan (thresholds) installed for the test, whatever the process has (a
+    suite run with ``JAXPRUNE_CONV_IMPL`` set included)."""
+    monkeypatch.delenv(ops.conv.ENV_VAR, raising=False)
     with jaxprune.cpu.enabled() as backend:
         yield backend
 
@@ -155,6 +157,7 @@ def test_enabled_installs_the_plan_and_restores_the_previous_backend():
 
 def test_a_function_traced_before_the_switch_keeps_its_plan(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.delenv(ops.conv.ENV_VAR, raising=False)
     x, kernel = _inputs((1, 2, 2, 8, 8, 3, 1, 1))  # 2x2 pixels: never XLA's convolution on CPU
 
     def f(x, kernel):

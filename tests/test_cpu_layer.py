@@ -40,7 +40,9 @@ print(json.dumps({
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     inherited = allocator.without_allocator_settings(os.environ)
-    inherited = {k: v for k, v in inherited.items() if k not in ("XLA_FLAGS", xla_cpu.OPT_OUT_ENV)}
+    # (a conv impl chosen for the whole suite, e.g. JAXPRUNE_CONV_IMPL=xla, would hide the plan)
+    dropped = ("XLA_FLAGS", xla_cpu.OPT_OUT_ENV, ops.conv.ENV_VAR)
+    inherited = {k: v for k, v in inherited.items() if k not in dropped}
     done = subprocess.run(
         [sys.executable, "-c", code], env={**inherited, "JAX_PLATFORMS": "cpu", **env},
         capture_output=True, text=True, timeout=300, check=False,

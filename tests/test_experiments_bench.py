@@ -149,6 +149,8 @@ def test_bench_cpu_tiny(tmp_path):
             conv_macs = sum(layer["calls"] * layer["macs"] for layer in net["layers"])
             assert 0 < conv_macs <= net["macs"] * record["settings"]["infer_batch"]
             assert net["network_ms"] > 0 and all(layer["ms"] > 0 for layer in net["layers"])
+            # the suite's plan takes the thresholds: no candidate was timed
+            assert all(layer["tuned_ms"] == {} for layer in net["layers"])
         assert f"**{name}**, inference" in report
 
 

@@ -128,6 +128,20 @@ def test_two_workers_equal_zero_workers_batch_for_batch(jpeg):
     )
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="shared memory is not under /dev/shm")
+def test_worker_segments_are_unlinked_as_their_batches_are_read(jpeg):
+    """No shared-memory segment of a worker's batch is left once the batches are read (grain's
+    own unlinking runs later, from a thread a process can exit before)."""
+    before = set(os.listdir("/dev/shm"))
+    batches = list(
+        data.train_batches(jpeg, global_batch_size=4, seed=0, num_steps=5, num_workers=2)
+    )
+    assert len(batches) == 5
+    left = {name for name in set(os.listdir("/dev/shm")) - before if name.startswith("psm_")}
+    assert not left, left
+
+
 # ---------------------------------------------------------------- workers: defaults and errors
 
 
