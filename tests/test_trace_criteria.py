@@ -128,9 +128,10 @@ def _conv_outputs(model, variables, x, train):
     return out
 
 
-# (the zoo's activation signal is checked by hand in test_importance's fast tier)
-@pytest.mark.parametrize("train", [False, True])
+# The fast tier: the traced signal equals the zoo's (test_trace_zoo), checked by hand there
+# (test_importance).
 @pytest.mark.slow
+@pytest.mark.parametrize("train", [False, True])
 def test_gfi_activation_equals_hand_computation(train):
     """GFI-AP's activation signal on a traced net: max over classes of the spatial mean of the
     |class mean| of each conv's output, BatchNorm in eval or train mode."""
