@@ -430,7 +430,7 @@ def bench_layers(models, infer_batch: int, rounds: int, min_round_s: float) -> d
                 layers.append(
                     {
                         "shape": shape.name,
-                        "out_hw": _out_hw(shape),
+                        "out_hw": "x".join(map(str, shape.out_hw)),
                         "calls": count,
                         "macs": shape.macs,
                         "form": form,
@@ -446,15 +446,6 @@ def bench_layers(models, infer_batch: int, rounds: int, min_round_s: float) -> d
         results[name] = entry
         _log(f"layers {name}: {entry}")
     return results
-
-
-def _out_hw(shape) -> str:
-    _, h, w, _ = shape.x_shape
-    kh, kw = shape.kernel_shape[:2]
-    out = [
-        jaxprune.cpu.conv.out_size(n, k, shape.stride, shape.padding) for n, k in ((h, kh), (w, kw))
-    ]
-    return "x".join(map(str, out))
 
 
 def _by_output_maps(net: dict) -> dict[str, dict]:

@@ -17,6 +17,7 @@ The choice is made at trace time: a function traced earlier keeps its forms.
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -76,13 +77,20 @@ class ConvShape:
         return f"{x} k{kh}x{kw}x{c_in}->{c_out} s{self.stride} p{self.padding} {self.dtype}"
 
     @property
+    def out_hw(self) -> tuple[int, int]:
+        """(H_out, W_out) of the output maps."""
+        _, h, w, _ = self.x_shape
+        kh, kw = self.kernel_shape[:2]
+        return (
+            conv.out_size(h, kh, self.stride, self.padding),
+            conv.out_size(w, kw, self.stride, self.padding),
+        )
+
+    @property
     def macs(self) -> int:
         """Multiply-accumulates of one direction (each costs the same count)."""
-        n, h, w, _ = self.x_shape
-        kh, kw, c_in, c_out = self.kernel_shape
-        h_out = conv.out_size(h, kh, self.stride, self.padding)
-        w_out = conv.out_size(w, kw, self.stride, self.padding)
-        return n * h_out * w_out * kh * kw * c_in * c_out
+        h_out, w_out = self.out_hw
+        return self.x_shape[0] * h_out * w_out * math.prod(self.kernel_shape)
 
     @property
     def float32(self) -> bool:
@@ -115,9 +123,8 @@ def threshold_forms(
     channels on a side or a 1x1 window, in every direction.
     """
     kh, kw, c_in, c_out = shape.kernel_shape
-    _, h, w, _ = shape.x_shape
-    s, p = shape.stride, shape.padding
-    pixels = conv.out_size(h, kh, s, p) * conv.out_size(w, kw, s, p)
+    s = shape.stride
+    pixels = math.prod(shape.out_hw)
     small = pixels <= _IM2COL_MAX_PIXELS
     windowed = s == 1 and kh * kw > 1
     if ynn_off:
@@ -143,10 +150,7 @@ def candidates(shape: ConvShape, direction: Direction) -> tuple[Form, ...]:
     """The forms that can compute ``direction`` of ``shape`` in this process (and are worth
     timing)."""
     kh, kw = shape.kernel_shape[:2]
-    _, h, w, _ = shape.x_shape
-    pixels = conv.out_size(h, kh, shape.stride, shape.padding) * conv.out_size(
-        w, kw, shape.stride, shape.padding
-    )
+    pixels = math.prod(shape.out_hw)
     # XLA's convolution at the smallest maps is 2x-400x slower than any other form (seconds per
     # call at VGG-16's 2x2 layers): not worth a measurement, except for the kernel gradient.
     forms: list[Form] = ["im2col"]
