@@ -13,6 +13,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,9 @@ CASES = [
     (1, 7, 7, 3, 2, 7, 1, 0),
     (2, 2, 2, 8, 8, 3, 1, 1),  # VGG's last stage: 2x2 pixels, padding larger than the output
     (1, 6, 5, 4, 3, 3, 1, 2),  # padding 2: the output larger than the input
+    # 8 channels on both sides: oneDNN is handed NHWC as its 8-channel-blocked layout (same bytes)
+    (2, 7, 6, 8, 8, 3, 1, 1),
+    (2, 6, 5, 8, 8, 1, 2, 0),
 ]
 
 
@@ -632,6 +636,61 @@ def test_tuning_measures_once_caches_on_disk_and_computes_lax_conv(tmp_path, mon
         _check_conv(jax.jit(lambda x, k: conv2d(x, k, 1, 1, impl="auto")), case)
         assert {c.reason for c in backend.planner.choices.values()} == {"cached"}
         assert backend.planner.tuning_s == 0
+
+
+@pytest.mark.parametrize("variable", tune.ONEDNN_ISA_ENV_VARS)
+def test_the_plan_cache_is_kept_apart_per_onednn_instruction_set_cap(variable, monkeypatch):
+    # Capping oneDNN's instruction sets changes its kernels, hence which form wins.
+    for name in tune.ONEDNN_ISA_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    uncapped = tune.cache_path()
+    monkeypatch.setenv(variable, "AVX2")
+    assert tune.cache_path() != uncapped
+    assert tune.machine_key()["onednn_max_isa"].count("AVX2") == 1
+
+
+class _Sleeper:
+    """Stands in for a candidate's compiled program: its first call sleeps ``first_s`` (a cold
+    start: oneDNN generating its kernels), later ones ``then_s``."""
+
+    def __init__(self, first_s: float, then_s: float, log: list | None = None):
+        self.first_s, self.then_s, self.calls, self.log = first_s, then_s, 0, log
+
+    def lower(self, *args):
+        return self
+
+    def compile(self):
+        return self
+
+    def __call__(self, *args):
+        time.sleep(self.then_s if self.calls else self.first_s)
+        self.calls += 1
+        if self.log is not None:
+            self.log.append(self)
+        return 0.0
+
+
+def test_tuning_does_not_judge_a_candidate_by_its_cold_start_alone(monkeypatch):
+    programs = {
+        "steady": _Sleeper(0.04, 0.04),
+        "cold": _Sleeper(0.1, 0.01),  # 2.5x the best on its first call, 4x faster warm
+        "hopeless": _Sleeper(0.4, 0.001),  # 10x the best so far on its first call
+    }
+    monkeypatch.setattr(tune, "program", lambda shape, direction, form: programs[form])
+    shape = _shape((1, 4, 4, 2), (3, 3, 2, 2), 1, 1)
+    seconds = tune.measure(shape, "forward", list(programs))
+    assert min(seconds, key=seconds.get) == "cold"
+    assert programs["cold"].calls > 1 and programs["hopeless"].calls == 1
+
+
+def test_tuning_times_the_candidates_in_rounds(monkeypatch):
+    # A slow spell of the machine then hits every candidate alike, not the one being timed.
+    log = []
+    programs = {form: _Sleeper(0.001, 0.001, log) for form in ("xla", "im2col", "onednn")}
+    monkeypatch.setattr(tune, "program", lambda shape, direction, form: programs[form])
+    tune.measure(_shape((1, 4, 4, 2), (3, 3, 2, 2), 1, 1), "forward", list(programs))
+    each_once = list(programs.values())
+    assert log == each_once * (1 + tune.MAX_REPS)  # the cold runs, then the rounds
 
 
 def test_tuning_stops_at_its_budget_and_skips_tiny_shapes(tmp_path, monkeypatch):

@@ -1,12 +1,15 @@
 """Measuring a convolution's forms on the machine it runs on, and the on-disk cache of the results.
 
 A measurement compiles each candidate form of one direction for one exact shape (batch included) as
-a small jitted program, runs it once to warm up, then times it up to `MAX_REPS` times and keeps the
-fastest run; a candidate already `LOSER_FACTOR` times slower than the best one so far stops there
-(its warm-up run, when that one is, counts as its time). The results are kept in
-``$JAXPRUNE_CACHE_DIR/cpu-plan-<key>.json`` (beside the oneDNN library), one file per machine key
-(`machine_key`: CPU model and flags, threads, jaxlib, the oneDNN source, the XLA:CPU flag), written
-atomically (a temporary file renamed over it).
+a small jitted program, runs it once to warm up, then times it up to `MAX_REPS` times, in rounds
+over the candidates, and keeps its fastest run; a candidate already `LOSER_FACTOR` times slower
+than the best one so far stops there.
+The warm-up run also pays one-time costs (oneDNN generates its kernels on a primitive's first
+call), so it decides alone only when `COLD_LOSER_FACTOR` times slower: then it counts as the time.
+The results are kept in ``$JAXPRUNE_CACHE_DIR/cpu-plan-<key>.json`` (beside the oneDNN library),
+one file per machine key (`machine_key`: CPU model and flags, threads, jaxlib, the oneDNN source and
+the instruction sets it may use, the XLA:CPU flag), written atomically (a temporary file renamed
+over it).
 """
 
 import datetime
@@ -25,10 +28,14 @@ import numpy as np
 from jaxprune.cpu import conv, onednn, xla_cpu
 
 MAX_REPS = 3
-# A candidate this much slower than the best one so far is timed once only.
+# A candidate this much slower than the best one so far is timed no further.
 LOSER_FACTOR = 1.5
+# ... and one whose warm-up run is this much slower is not timed warm at all.
+COLD_LOSER_FACTOR = 4.0
+# oneDNN's caps on the instruction sets its kernels may use (read once per process).
+ONEDNN_ISA_ENV_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 # Bumped when the forms or the measurement change, so old caches are not read.
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: warm-up runs judged with COLD_LOSER_FACTOR; warm runs in rounds
 
 
 def _cpuinfo() -> tuple[str, str]:
@@ -53,7 +60,8 @@ def _threads() -> int:
 
 def machine_key() -> dict:
     """What a measured choice depends on besides the shape: CPU model, its flags (hashed), the
-    threads this process may use, jaxlib, the oneDNN library's source and the XLA:CPU flag."""
+    threads this process may use, jaxlib, the oneDNN library's source, the instruction sets oneDNN
+    may use (``ONEDNN_MAX_CPU_ISA``/``DNNL_MAX_CPU_ISA``) and the XLA:CPU flag."""
     model, flags = _cpuinfo()
     return {
         "cpu": model,
@@ -61,6 +69,7 @@ def machine_key() -> dict:
         "threads": _threads(),
         "jaxlib": jaxlib.__version__,
         "onednn_source_sha": hashlib.sha256(onednn.SOURCE.read_bytes()).hexdigest()[:12],
+        "onednn_max_isa": [os.environ.get(name, "") for name in ONEDNN_ISA_ENV_VARS],
         "ynn_convolutions_off": xla_cpu.ynn_convolutions_off(),
         "plan_version": PLAN_VERSION,
     }
@@ -126,33 +135,40 @@ def measure(shape, direction: conv.Direction, forms) -> dict[str, float]:
     """Seconds per call of each form in ``forms`` for ``direction`` of ``shape`` (a
     `jaxprune.cpu.plan.ConvShape`); ``inf`` for a form that failed to compile or run.
 
-    Runs eagerly even when called while a function is being traced.
+    Each form is compiled and run once (cold); the warm runs then go round the forms in turn, up to
+    `MAX_REPS` rounds, so that a slow spell of the machine hits every candidate alike rather than
+    the one being timed (module doc for the forms timed no further). Runs eagerly even when called
+    while a function is being traced.
     """
     seconds: dict[str, float] = {}
+    warm: dict[str, tuple] = {}  # form -> (compiled program, fastest warm seconds so far)
     with jax.ensure_compile_time_eval():
         args = operands(shape, np.dtype(shape.dtype))
         for form in forms:
-            best_so_far = min(seconds.values(), default=float("inf"))
+            best_cold = min(seconds.values(), default=float("inf"))
             try:
                 compiled = program(shape, direction, form).lower(*args).compile()
-                start = time.perf_counter()
-                jax.block_until_ready(compiled(*args))
-                first = time.perf_counter() - start
+                seconds[form] = _seconds(compiled, args)
             except Exception:  # noqa: BLE001 - a candidate that cannot run is not chosen
                 seconds[form] = float("inf")
                 continue
-            if first > LOSER_FACTOR * best_so_far:  # already lost, warm or not: no second run
-                seconds[form] = first
-                continue
-            fastest = float("inf")
-            for _ in range(MAX_REPS):
-                start = time.perf_counter()
-                jax.block_until_ready(compiled(*args))
-                fastest = min(fastest, time.perf_counter() - start)
-                if fastest > LOSER_FACTOR * best_so_far:
-                    break
-            seconds[form] = fastest
+            if seconds[form] <= COLD_LOSER_FACTOR * best_cold:  # else lost even cold
+                warm[form] = (compiled, float("inf"))
+        for _ in range(MAX_REPS):
+            best = min((t for _, t in warm.values()), default=float("inf"))
+            for form, (compiled, fastest) in list(warm.items()):
+                if fastest > LOSER_FACTOR * best:
+                    del warm[form]  # lost: timed no further
+                    continue
+                warm[form] = (compiled, min(fastest, _seconds(compiled, args)))
+                seconds[form] = warm[form][1]
     return seconds
+
+
+def _seconds(compiled, args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    return time.perf_counter() - start
 
 
 def today() -> str:
