@@ -3,13 +3,12 @@
 A measurement compiles each candidate form of one direction for one exact shape (batch included) as
 a small jitted program, runs it once to warm up, then times it up to `MAX_REPS` times, in rounds
 over the candidates, and keeps its fastest run; a candidate already `LOSER_FACTOR` times slower
-than the best one so far stops there.
-The warm-up run also pays one-time costs (oneDNN generates its kernels on a primitive's first
-call), so it decides alone only when `COLD_LOSER_FACTOR` times slower: then it counts as the time.
-The results are kept in ``$JAXPRUNE_CACHE_DIR/cpu-plan-<key>.json`` (beside the oneDNN library),
-one file per machine key (`machine_key`: CPU model and flags, threads, jaxlib, the oneDNN source and
-the instruction sets it may use, the XLA:CPU flag), written atomically (a temporary file renamed
-over it).
+than the best one so far stops there. The warm-up run also pays one-time costs (oneDNN generates
+its kernels on a primitive's first call), so it decides alone only when `COLD_LOSER_FACTOR` times
+slower: then it counts as the time. The results are kept in
+``$JAXPRUNE_CACHE_DIR/cpu-plan-<key>.json`` (beside the oneDNN library), one file per machine key
+(`machine_key`: CPU model and flags, threads, jaxlib, the oneDNN source and the instruction sets it
+may use, the XLA:CPU flag), written atomically (a temporary file renamed over it).
 """
 
 import datetime
@@ -140,8 +139,8 @@ def measure(shape, direction: conv.Direction, forms) -> dict[str, float]:
     the one being timed (module doc for the forms timed no further). Runs eagerly even when called
     while a function is being traced.
     """
-    seconds: dict[str, float] = {}
-    warm: dict[str, tuple] = {}  # form -> (compiled program, fastest warm seconds so far)
+    seconds: dict[str, float] = {}  # cold, then the fastest warm run of those timed warm
+    timed = {}  # form -> compiled program, for the forms still timed
     with jax.ensure_compile_time_eval():
         args = operands(shape, np.dtype(shape.dtype))
         for form in forms:
@@ -153,15 +152,15 @@ def measure(shape, direction: conv.Direction, forms) -> dict[str, float]:
                 seconds[form] = float("inf")
                 continue
             if seconds[form] <= COLD_LOSER_FACTOR * best_cold:  # else lost even cold
-                warm[form] = (compiled, float("inf"))
-        for _ in range(MAX_REPS):
-            best = min((t for _, t in warm.values()), default=float("inf"))
-            for form, (compiled, fastest) in list(warm.items()):
-                if fastest > LOSER_FACTOR * best:
-                    del warm[form]  # lost: timed no further
+                timed[form] = compiled
+        for rep in range(MAX_REPS):
+            best = min(seconds[form] for form in timed) if timed else float("inf")
+            for form, compiled in list(timed.items()):
+                if rep and seconds[form] > LOSER_FACTOR * best:
+                    del timed[form]  # lost: timed no further
                     continue
-                warm[form] = (compiled, min(fastest, _seconds(compiled, args)))
-                seconds[form] = warm[form][1]
+                warm = _seconds(compiled, args)
+                seconds[form] = min(seconds[form], warm) if rep else warm
     return seconds
 
 
