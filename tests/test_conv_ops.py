@@ -674,7 +674,7 @@ def test_tuning_does_not_judge_a_candidate_by_its_cold_start_alone(monkeypatch):
     programs = {
         "steady": _Sleeper(0.04, 0.04),
         "cold": _Sleeper(0.1, 0.01),  # 2.5x the best on its first call, 4x faster warm
-        "hopeless": _Sleeper(0.4, 0.001),  # 10x the best so far on its first call
+        "hopeless": _Sleeper(1.0, 0.001),  # 25x the best so far on its first call
     }
     monkeypatch.setattr(tune, "program", lambda shape, direction, form: programs[form])
     shape = _shape((1, 4, 4, 2), (3, 3, 2, 2), 1, 1)
