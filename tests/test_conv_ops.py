@@ -568,8 +568,9 @@ def test_winograd_under_jit_over_eight_devices_convolves_each_devices_rows():
 
 # (batch, height, width, c_in, c_out, padding) of 3x3, stride-1 convolutions: padding 0-2, odd
 # sizes, channel counts below, at and past a multiple of 8 (the AVX2 lanes and the tail), a 1x1
-# and a 2x2 output, and 578 tiles (a block of 512 and a shorter one). Multiples of 8 up to 32
-# take the library's few-channel products: 16 + 8 columns, and 578 tiles in blocks of 128.
+# and a 2x2 output, and 578 tiles (a block of 512 and a shorter one). Multiples of 8 up to 64
+# take the library's few-channel products: column panels of 24, 16 and 8, tile counts that leave
+# rows over in each (25 tiles: 4-row, 6-row and 12-row steps), and 578 tiles in blocks of 128.
 WINOGRAD_CASES = [
     (2, 8, 8, 3, 4, 1),
     (1, 7, 9, 9, 11, 0),
@@ -579,6 +580,9 @@ WINOGRAD_CASES = [
     (2, 34, 34, 5, 3, 1),
     (2, 9, 7, 16, 24, 1),
     (2, 34, 34, 8, 32, 1),
+    (1, 9, 9, 24, 24, 1),
+    (1, 9, 9, 56, 40, 1),
+    (1, 9, 9, 40, 64, 1),
 ]
 
 

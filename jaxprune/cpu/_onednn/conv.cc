@@ -264,7 +264,9 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 // transform reading taps in reverse and the matrix product reading U transposed.
 
 constexpr long kTileBlock = 512;
-constexpr long kSmallChannels = 32;
+// Up to 64 channels the few-channel form beats oneDNN's matmul: 1.07-1.17x at 40-64 channels on
+// an AMD EPYC (experiments/results/3_ab_winograd_panels*.md, against the bound of 32 before).
+constexpr long kSmallChannels = 64;
 constexpr long kSmallTileBlock = 128;
 
 bool WinogradSupported() {
@@ -470,25 +472,37 @@ inline void SmallTile(const float* v, long ldv, const float* u, long ldu, float*
     for (int j = 0; j < Vecs; j++) _mm256_storeu_ps(m + r * ldm + 8 * j, acc[r][j]);
 }
 
+// SmallTile over `rows` rows, Rows at a time; the rows left over with fewer (Rows - 1, ...) rather
+// than one by one: a single row keeps too few accumulators in flight to hide the FMA latency.
+template <int Vecs, int Rows>
+inline void RowPanel(const float* v, long ldv, const float* u, long ldu, float* m, long ldm,
+                     long depth, long rows) {
+  long r = 0;
+  for (; r + Rows <= rows; r += Rows)
+    SmallTile<Vecs, Rows>(v + r * ldv, ldv, u, ldu, m + r * ldm, ldm, depth);
+  if constexpr (Rows > 1)
+    if (r < rows)
+      RowPanel<Vecs, Rows - 1>(v + r * ldv, ldv, u, ldu, m + r * ldm, ldm, depth, rows - r);
+}
+
 // M[16][rows][N] = V[16][rows][K] @ U[16][K][N] (V's and M's matrices KStride apart) for N a
-// multiple of 8, on one thread: column panels of 16 (6 rows at a time) and one of 8 (12 rows at a
-// time); the rows left over one by one.
+// multiple of 8, on one thread, in column panels: 24 columns 4 rows at a time where exactly 24 are
+// left, else 16 columns 6 rows at a time, and a last 8 columns 12 rows at a time.
 void SmallProducts(const float* V, const float* U, float* M, long rows, long K, long N) {
   for (long k = 0; k < 16; k++) {
     const float* v = V + k * KStride(rows, K);
     const float* u = U + k * K * N;
     float* m = M + k * KStride(rows, N);
-    for (long n0 = 0; n0 < N; n0 += 16) {
-      const bool wide = n0 + 16 <= N;
-      const long step = wide ? 6 : 12;
-      long r = 0;
-      for (; r + step <= rows; r += step) {
-        if (wide) SmallTile<2, 6>(v + r * K, K, u + n0, N, m + r * N + n0, N, K);
-        else SmallTile<1, 12>(v + r * K, K, u + n0, N, m + r * N + n0, N, K);
-      }
-      for (; r < rows; r++) {
-        if (wide) SmallTile<2, 1>(v + r * K, K, u + n0, N, m + r * N + n0, N, K);
-        else SmallTile<1, 1>(v + r * K, K, u + n0, N, m + r * N + n0, N, K);
+    for (long n0 = 0; n0 < N;) {
+      if (N - n0 == 24) {
+        RowPanel<3, 4>(v, K, u + n0, N, m + n0, N, K, rows);
+        n0 += 24;
+      } else if (N - n0 >= 16) {
+        RowPanel<2, 6>(v, K, u + n0, N, m + n0, N, K, rows);
+        n0 += 16;
+      } else {
+        RowPanel<1, 12>(v, K, u + n0, N, m + n0, N, K, rows);
+        n0 += 8;
       }
     }
   }
