@@ -61,7 +61,8 @@ def conv_fn(name: str, out_shape: tuple):
     return jax.jit(lambda x, k: call(x, k, stride=np.int64(1), padding=np.int64(1)))
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list[dict]:
+    """Prints the table; returns its rows (shape, each version's times in ms)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True)
     parser.add_argument("--head", default="WORKTREE")
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
         print("| N x H x W x C_in -> C_out | base min | base median | head min | head median "
               "| base / head (medians) |")  # fmt: skip
         print("|---|---|---|---|---|---|")
-        rng = np.random.default_rng(0)
+        rng, rows = np.random.default_rng(0), []
         for n, h, w, c_in, c_out in shapes:
             x = jnp.asarray(rng.normal(size=(n, h, w, c_in)), jnp.float32)
             kernel = jnp.asarray(rng.normal(size=(3, 3, c_in, c_out)), jnp.float32)
@@ -102,6 +103,8 @@ def main(argv=None) -> None:
             base, head = (statistics.median(times[k]) for k in ("base", "head"))
             print(f"| {n}x{h}x{w}x{c_in} -> {c_out} | {min(times['base']):.2f} | {base:.2f} | "
                   f"{min(times['head']):.2f} | {head:.2f} | {base / head:.2f}x |", flush=True)  # fmt: skip
+            rows.append({"shape": (n, h, w, c_in, c_out), "ms": times})
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
-"""The small (``--tiny``) versions of experiments 2c (importance quality) and 2d (speed).
+"""The small (``--tiny``) versions of experiments 2c (importance quality) and 2d (speed), and the
+CPU kernels' A/B script (``ab_conv_source.py``) on one small shape.
 
-They run in-process through each script's ``main(argv)`` and pin the structure and sanity of the
-JSON they write, so the full runs cannot silently break.
+They run in-process through each script's ``main(argv)`` and pin the structure and sanity of what
+they write, so the full runs cannot silently break.
 """
 
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -175,3 +177,16 @@ def test_bench_cpu_malloc_children_run_both_frameworks(tmp_path):
     assert report.count("| default: JAXPRUNE_ALLOCATOR=system |") == len(impls) * len(
         record["malloc"]["default"]["models"]
     )
+
+
+@pytest.mark.slow  # compiles the kernel source twice
+def test_ab_conv_source_times_two_versions_of_the_kernels_against_each_other(capsys):
+    from jaxprune.cpu import onednn
+
+    if not os.environ.get("CI") and not onednn.winograd_supported():
+        pytest.skip(f"needs the oneDNN library and AVX2: {onednn.unavailable_reason()}")
+    argv = ["--base", "HEAD", "--shapes", "2x6x5x8x16", "--rounds", "2", "--calls", "1"]
+    rows = load_script("ab_conv_source").main(argv)
+    assert [row["shape"] for row in rows] == [(2, 6, 5, 8, 16)]
+    assert all(len(t) == 2 and min(t) > 0 for t in rows[0]["ms"].values())
+    assert "| 2x6x5x8 -> 16 |" in capsys.readouterr().out
