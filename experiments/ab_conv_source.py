@@ -35,7 +35,11 @@ def source_at(revision: str) -> str:
     if revision == "WORKTREE":
         return (ROOT / SOURCE).read_text()
     return subprocess.run(
-        ["git", "show", f"{revision}:{SOURCE}"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "show", f"{revision}:{SOURCE}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
 
 
@@ -78,10 +82,14 @@ def main(argv=None) -> list[dict]:
             label: load_version(source_at(rev), f"ab{i}", args.target, Path(tmp))
             for i, (label, rev) in enumerate(versions.items())
         }
-        print(f"`{args.target}`, base `{args.base}`, head `{args.head}`; ms per call, "
-              f"{args.rounds} alternating rounds of {args.calls} calls\n")  # fmt: skip
-        print("| N x H x W x C_in -> C_out | base min | base median | head min | head median "
-              "| base / head (medians) |")  # fmt: skip
+        print(
+            f"`{args.target}`, base `{args.base}`, head `{args.head}`; ms per call, "
+            f"{args.rounds} alternating rounds of {args.calls} calls\n"
+        )
+        print(
+            "| N x H x W x C_in -> C_out | base min | base median | head min | head median "
+            "| base / head (medians) |"
+        )
         print("|---|---|---|---|---|---|")
         rng, rows = np.random.default_rng(0), []
         for n, h, w, c_in, c_out in shapes:
@@ -101,8 +109,9 @@ def main(argv=None) -> list[dict]:
                     y.block_until_ready()
                     times[label].append((time.perf_counter() - start) / args.calls * 1e3)
             base, head = (statistics.median(times[k]) for k in ("base", "head"))
-            print(f"| {n}x{h}x{w}x{c_in} -> {c_out} | {min(times['base']):.2f} | {base:.2f} | "
-                  f"{min(times['head']):.2f} | {head:.2f} | {base / head:.2f}x |", flush=True)  # fmt: skip
+            cells = [min(times["base"]), base, min(times["head"]), head]
+            row = " | ".join(f"{ms:.2f}" for ms in cells)
+            print(f"| {n}x{h}x{w}x{c_in} -> {c_out} | {row} | {base / head:.2f}x |", flush=True)
             rows.append({"shape": (n, h, w, c_in, c_out), "ms": times})
     return rows
 

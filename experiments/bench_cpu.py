@@ -133,7 +133,8 @@ def _minflt() -> int:
 def interleaved(
     runners: dict[str, Callable[[int], None]], rounds: int, min_round_s: float
 ) -> dict[str, dict[str, float]]:
-    """Median seconds and minor page faults per call of each ``runner(n)`` (n calls, then block).
+    """Median seconds (``s``) and minor page faults (``minflt``) per call of each ``runner(n)`` (n
+    calls, then block), and the seconds per call of each round (``rounds_s``).
 
     Every runner runs once first (compilation, first-touch of its buffers); a round then times
     each runner in turn for about ``min_round_s``.
@@ -153,7 +154,11 @@ def interleaved(
             seconds[name].append((time.perf_counter() - start) / n)
             faults[name].append((_minflt() - flt) / n)
     return {
-        name: {"s": float(np.median(seconds[name])), "minflt": float(np.median(faults[name]))}
+        name: {
+            "s": float(np.median(seconds[name])),
+            "minflt": float(np.median(faults[name])),
+            "rounds_s": [float(t) for t in seconds[name]],
+        }
         for name in runners
     }
 
@@ -375,7 +380,11 @@ def bench_models(models, batch, infer_batch, rounds, min_round_s, impls, with_to
         entry = {}
         for key, t in times.items():
             n = batch if "train" in key else infer_batch
-            entry[key] = {"images_per_s": n / t["s"], "minflt_per_call": t["minflt"]}
+            entry[key] = {
+                "images_per_s": n / t["s"],
+                "minflt_per_call": t["minflt"],
+                "rounds_images_per_s": [n / s for s in t["rounds_s"]],
+            }
         backends = [*impls, "torch"] if with_torch else list(impls)
         for prefix in archs:
             for mode in ("train", "infer"):
@@ -614,8 +623,10 @@ def _settings(mode: str) -> dict:
                          "vgg16": CONV_SHAPES["vgg16"][-1:]},
             conv_batch=8, matmul=256,
         )  # fmt: skip
+    # 9 rounds (5 until 2026-11-30): a round holds ~3 inference calls of a ResNet-56, and on the
+    # shared VM of RESULTS section 3 single rounds of one network spread by +-12% within a run.
     return dict(
-        models=["resnet56", "vgg16"], batch=128, infer_batch=256, rounds=5, min_round_s=0.5,
+        models=["resnet56", "vgg16"], batch=128, infer_batch=256, rounds=9, min_round_s=0.5,
         conv_shapes=CONV_SHAPES, conv_batch=128, matmul=2048,
     )  # fmt: skip
 

@@ -127,6 +127,9 @@ def test_bench_cpu_tiny(tmp_path):
                 for impl in impls:
                     row = entry[f"{prefix}{mode}/{impl}"]
                     assert row["images_per_s"] > 0 and row["minflt_per_call"] >= 0
+                    rounds = row["rounds_images_per_s"]
+                    assert len(rounds) == record["settings"]["rounds"] and min(rounds) > 0
+                    assert min(rounds) <= row["images_per_s"] <= max(rounds)
                     if prefix:
                         macs_speedup = entry["macs"] / entry[prefix + "macs"]
                         assert row["speedup_over_macs_ratio"] * macs_speedup == pytest.approx(
