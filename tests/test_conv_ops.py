@@ -13,7 +13,6 @@ import itertools
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -653,9 +652,10 @@ def test_the_plan_cache_is_kept_apart_per_onednn_instruction_set_cap(variable, m
     assert tune.machine_key()["onednn_max_isa"].count("AVX2") == 1
 
 
-class _Sleeper:
-    """Stands in for a candidate's compiled program: its first call sleeps ``first_s`` (a cold
-    start: oneDNN generating its kernels), later ones ``then_s``."""
+class _Scripted:
+    """Stands in for a candidate's compiled program, with scripted run times (no clock, so no
+    machine's load can change the outcome): its first run takes ``first_s`` (a cold start: oneDNN
+    generating its kernels), later ones ``then_s``; each run is appended to ``log``."""
 
     def __init__(self, first_s: float, then_s: float, log: list | None = None):
         self.first_s, self.then_s, self.calls, self.log = first_s, then_s, 0, log
@@ -666,21 +666,26 @@ class _Sleeper:
     def compile(self):
         return self
 
-    def __call__(self, *args):
-        time.sleep(self.then_s if self.calls else self.first_s)
+    def run_seconds(self) -> float:
+        seconds = self.then_s if self.calls else self.first_s
         self.calls += 1
         if self.log is not None:
             self.log.append(self)
-        return 0.0
+        return seconds
+
+
+def _script_candidates(monkeypatch, programs: dict) -> None:
+    monkeypatch.setattr(tune, "program", lambda shape, direction, form: programs[form])
+    monkeypatch.setattr(tune, "_seconds", lambda compiled, args: compiled.run_seconds())
 
 
 def test_tuning_does_not_judge_a_candidate_by_its_cold_start_alone(monkeypatch):
     programs = {
-        "steady": _Sleeper(0.04, 0.04),
-        "cold": _Sleeper(0.1, 0.01),  # 2.5x the best on its first call, 4x faster warm
-        "hopeless": _Sleeper(1.0, 0.001),  # 25x the best so far on its first call
+        "steady": _Scripted(0.04, 0.04),
+        "cold": _Scripted(0.1, 0.01),  # 2.5x the best on its first call, 4x faster warm
+        "hopeless": _Scripted(1.0, 0.001),  # 25x the best so far on its first call
     }
-    monkeypatch.setattr(tune, "program", lambda shape, direction, form: programs[form])
+    _script_candidates(monkeypatch, programs)
     shape = _shape((1, 4, 4, 2), (3, 3, 2, 2), 1, 1)
     seconds = tune.measure(shape, "forward", list(programs))
     assert min(seconds, key=seconds.get) == "cold"
@@ -690,11 +695,19 @@ def test_tuning_does_not_judge_a_candidate_by_its_cold_start_alone(monkeypatch):
 def test_tuning_times_the_candidates_in_rounds(monkeypatch):
     # A slow spell of the machine then hits every candidate alike, not the one being timed.
     log = []
-    programs = {form: _Sleeper(0.001, 0.001, log) for form in ("xla", "im2col", "onednn")}
-    monkeypatch.setattr(tune, "program", lambda shape, direction, form: programs[form])
+    programs = {form: _Scripted(0.001, 0.001, log) for form in ("xla", "im2col", "onednn")}
+    _script_candidates(monkeypatch, programs)
     tune.measure(_shape((1, 4, 4, 2), (3, 3, 2, 2), 1, 1), "forward", list(programs))
     each_once = list(programs.values())
     assert log == each_once * (1 + tune.MAX_REPS)  # the cold runs, then the rounds
+
+
+def test_tuning_drops_a_candidate_once_it_lost_warm(monkeypatch):
+    programs = {"fast": _Scripted(0.01, 0.01), "slow": _Scripted(0.012, 0.02)}  # 2x warm
+    _script_candidates(monkeypatch, programs)
+    seconds = tune.measure(_shape((1, 4, 4, 2), (3, 3, 2, 2), 1, 1), "forward", list(programs))
+    assert seconds == {"fast": 0.01, "slow": 0.02}
+    assert programs["fast"].calls == 1 + tune.MAX_REPS and programs["slow"].calls == 2
 
 
 def test_tuning_stops_at_its_budget_and_skips_tiny_shapes(tmp_path, monkeypatch):
