@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.cpu import onednn
+
 SOURCE = "jaxprune/cpu/_onednn/conv.cc"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,11 +51,8 @@ def load_version(source: str, prefix: str, target: str, workdir: Path) -> str:
     renamed = workdir / f"{prefix}.cc"
     renamed.write_text(source.replace("jaxprune_", f"{prefix}_"))
     library = workdir / f"{prefix}.so"
-    subprocess.run(
-        ["c++", "-O2", "-std=c++20", "-fopenmp", "-shared", "-fPIC", "-I", jax.ffi.include_dir(),
-         str(renamed), "-o", str(library), "-ldnnl"],
-        capture_output=True, check=True,
-    )  # fmt: skip
+    # The library's own compile command (flags included), on the renamed copy.
+    subprocess.run(onednn._compile_command(library, renamed), capture_output=True, check=True)
     name = target.replace("jaxprune_", f"{prefix}_")
     handler = getattr(ctypes.CDLL(str(library)), name)
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
@@ -94,7 +93,10 @@ def main(argv=None) -> list[dict]:
         rng, rows = np.random.default_rng(0), []
         for n, h, w, c_in, c_out in shapes:
             x = jnp.asarray(rng.normal(size=(n, h, w, c_in)), jnp.float32)
-            kernel = jnp.asarray(rng.normal(size=(3, 3, c_in, c_out)), jnp.float32)
+            # The input gradient's kernel is the forward pass's, [3, 3, C_out, C_in]: C_in -> C_out.
+            backward = "bwd_data" in args.target
+            kernel_shape = (3, 3, c_out, c_in) if backward else (3, 3, c_in, c_out)
+            kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
             fns = {label: conv_fn(name, (n, h, w, c_out)) for label, name in names.items()}
             outputs = {label: np.asarray(fn(x, kernel)) for label, fn in fns.items()}
             scale = np.abs(outputs["base"]).max()

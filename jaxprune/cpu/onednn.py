@@ -73,11 +73,12 @@ def cache_dir() -> Path:
     return Path(base) / "jaxprune"
 
 
-def _compile_command(output: Path) -> list[str]:
+def _compile_command(output: Path, source: Path = SOURCE) -> list[str]:
+    """The command that compiles ``source`` (the library's, or a variant of it) into ``output``."""
     compiler = shlex.split(os.environ.get("CXX", "c++"))
     return [
         *compiler, "-O2", "-std=c++20", "-fopenmp", "-shared", "-fPIC",
-        "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(output), "-ldnnl",
+        "-I", jax.ffi.include_dir(), str(source), "-o", str(output), "-ldnnl",
     ]  # fmt: skip
 
 
